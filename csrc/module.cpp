@@ -1,0 +1,9 @@
+// Python bindings of the C++ side of llm_engine (built as llm_engine._C).
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "llm_engine native extension: KV-cache block manager";
+  m.def("version", []() { return "0.1.0"; }, "Version of the native extension.");
+}

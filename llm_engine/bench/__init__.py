@@ -1,0 +1,1 @@
+"""Benchmarks of every kernel against its references and the hardware limits."""
