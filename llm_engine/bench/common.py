@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+OURS = "llm_engine"
+"""``Row.impl`` of this engine's own implementation; every other impl is a reference."""
+
 
 @dataclass
 class Ceilings:
