@@ -22,11 +22,20 @@ signature and semantics; the references are the CPU path of the engine.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import triton
+import triton.language as tl
 
-from ._utils import FLOAT_DTYPES, check_last_dim_contiguous, check_tensor
+from ._utils import (
+    FLOAT_DTYPES,
+    check_last_dim_contiguous,
+    check_tensor,
+    check_triton_device,
+    interpreting,
+)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -276,4 +285,430 @@ def paged_prefill_attention_reference(
         probs = torch.softmax(scores, dim=-1)
         ob = torch.einsum("kgqt,tkd->qkgd", probs, v)
         out[start:end] = ob.reshape(n_q, heads, head_dim).to(q.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634
+# Flash-decoding: a context is split into at most this many partitions, each at
+# least _MIN_PARTITION tokens long, and only while the grid would otherwise be
+# smaller than _WAVES programs per SM.
+_MAX_PARTITIONS = 256
+_MIN_PARTITION = 256
+_WAVES = 4
+_REDUCE_CHUNK = 16
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcb, stride_kcs, stride_kch,
+    stride_vcb, stride_vcs, stride_vch,
+    kv_heads, head_dim,
+    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < kv_heads) & (d < head_dim)
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    tl.store(kc_ptr + blk * stride_kcb + off * stride_kcs + h * stride_kch + d, k, mask=mask)
+    tl.store(vc_ptr + blk * stride_vcb + off * stride_vcs + h * stride_vch + d, v, mask=mask)
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
+    stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bts,
+    stride_os, stride_oh,
+    scale_log2, group, head_dim, partition_size, num_partitions,
+    BLOCK_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, IN_PREC: tl.constexpr,
+):
+    """One program: every query head of one KV head of one sequence, over one
+    partition of its context (the whole context when not SPLIT)."""
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    part = tl.program_id(2)
+    ctx = tl.load(lens_ptr + seq)
+    start = part * partition_size
+    if start >= ctx:
+        return
+    end = tl.minimum(start + partition_size, ctx)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, BLOCK_D)
+    heads = kvh * group + g
+    gmask = g < group
+    dmask = d < head_dim
+    q = tl.load(
+        q_ptr + seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + d[None, :],
+        mask=gmask[:, None] & dmask[None, :], other=0.0,
+    )
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bts
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        pmask = pos < end
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pmask, other=0).to(tl.int64)
+        off = pos % BLOCK_SIZE
+        kv_mask = pmask[:, None] & dmask[None, :]
+        k = tl.load(kc_ptr + (blk * stride_kb + off * stride_ks + kvh * stride_kh)[:, None]
+                    + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(vc_ptr + (blk * stride_vb + off * stride_vs + kvh * stride_vh)[:, None]
+                    + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * scale_log2
+        s = tl.where(pmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=IN_PREC)
+        m_i = m_new
+
+    out_mask = gmask[:, None] & dmask[None, :]
+    if SPLIT:
+        row = (seq * group * tl.num_programs(1) + heads).to(tl.int64) * num_partitions + part
+        tl.store(m_ptr + row, m_i, mask=gmask)
+        tl.store(l_ptr + row, l_i, mask=gmask)
+        tl.store(acc_ptr + row[:, None] * head_dim + d[None, :], acc, mask=out_mask)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _paged_decode_reduce_kernel(
+    m_ptr, l_ptr, acc_ptr, lens_ptr, out_ptr,
+    stride_os, stride_oh,
+    head_dim, partition_size, num_partitions,
+    PART_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the partial softmax states of one (sequence, head) into its output."""
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    ctx = tl.load(lens_ptr + seq)
+    n_parts = tl.cdiv(ctx, partition_size)
+    base = (seq * tl.num_programs(1) + h).to(tl.int64) * num_partitions
+    p = tl.arange(0, PART_PAD)
+    m = tl.load(m_ptr + base + p, mask=p < n_parts, other=float("-inf"))
+    m_max = tl.max(m, 0)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < head_dim
+    total = tl.zeros([BLOCK_D], tl.float32)
+    norm = tl.zeros([CHUNK], tl.float32)
+    for c0 in range(0, n_parts, CHUNK):
+        pc = c0 + tl.arange(0, CHUNK)
+        pcmask = pc < n_parts
+        mc = tl.load(m_ptr + base + pc, mask=pcmask, other=float("-inf"))
+        lc = tl.load(l_ptr + base + pc, mask=pcmask, other=0.0)
+        w = tl.exp2(mc - m_max)
+        norm += w * lc
+        a = tl.load(acc_ptr + (base + pc)[:, None] * head_dim + d[None, :],
+                    mask=pcmask[:, None] & dmask[None, :], other=0.0)
+        total += tl.sum(a * w[:, None], 0)
+    out = total / tl.sum(norm, 0)
+    tl.store(out_ptr + seq.to(tl.int64) * stride_os + h * stride_oh + d,
+             out.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, lens_ptr, out_ptr,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bts,
+    stride_ot, stride_oh,
+    scale_log2, group, head_dim,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, IN_PREC: tl.constexpr,
+):
+    """One program: BLOCK_M new queries of one head of one sequence, over the
+    sequence's cached + new keys up to the last of those queries."""
+    mblk = tl.program_id(0)
+    seq = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(cu_ptr + seq)
+    n_q = tl.load(cu_ptr + seq + 1) - q_start
+    if mblk * BLOCK_M >= n_q:
+        return
+    ctx = tl.load(lens_ptr + seq)
+    kvh = h // group
+
+    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < n_q
+    q_pos = ctx - n_q + offs_m
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < head_dim
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=mmask[:, None] & dmask[None, :], other=0.0)
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bts
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = tl.minimum(ctx, ctx - n_q + (mblk + 1) * BLOCK_M)
+    for n0 in range(0, hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        pmask = pos < hi
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pmask, other=0).to(tl.int64)
+        off = pos % BLOCK_SIZE
+        kv_mask = pmask[:, None] & dmask[None, :]
+        k = tl.load(kc_ptr + (blk * stride_kb + off * stride_ks + kvh * stride_kh)[:, None]
+                    + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(vc_ptr + (blk * stride_vb + off * stride_vs + kvh * stride_vh)[:, None]
+                    + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * scale_log2
+        s = tl.where(pmask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=IN_PREC)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+
+
+def _check_devices(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        check_triton_device(name, t)
+
+
+def _in_prec(dtype: torch.dtype) -> str:
+    """fp32 inputs keep full precision in ``tl.dot`` (no TF32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_target(device: torch.device) -> int:
+    """How many programs fill the device a few times over."""
+    if device.type != "cuda":
+        return 16
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _WAVES * _num_sms(index)
+
+
+def _decode_block_n(head_dim: int) -> int:
+    if interpreting():
+        return 16
+    return 32 if head_dim > 128 else 64
+
+
+def _choose_partition(max_context: int, base_programs: int, block_n: int,
+                      device: torch.device) -> int:
+    """Tokens per partition: the whole context unless splitting fills an under-used device."""
+    whole = triton.cdiv(max_context, block_n) * block_n
+    splits = min(triton.cdiv(_programs_target(device), base_programs),
+                 triton.cdiv(max_context, _MIN_PARTITION))
+    if splits <= 1:
+        return whole
+    size = triton.cdiv(triton.cdiv(max_context, splits), block_n) * block_n
+    return max(size, triton.cdiv(triton.cdiv(max_context, _MAX_PARTITIONS), block_n) * block_n)
+
+
+def store_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write each new token's K/V into its cache slot, in place (Triton).
+
+    Args:
+        k, v: ``(num_tokens, kv_heads, head_dim)`` fp16/bf16/fp32, the cache dtype.
+        k_cache, v_cache: ``(num_blocks, block_size, kv_heads, head_dim)``, last dim contiguous.
+        slot_mapping: ``(num_tokens,)`` int32/int64; token ``i`` goes to block
+            ``slot // block_size``, offset ``slot % block_size``; ``-1`` skips the token.
+    """
+    _, block_size, kv_heads, head_dim = _check_store(k, v, k_cache, v_cache, slot_mapping)
+    _check_devices(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    num_tokens = k.shape[0]
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        kv_heads, head_dim,
+        BLOCK_SIZE=block_size, BLOCK_H=triton.next_power_of_2(kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    softmax_scale: float | None = None,
+    *,
+    partition_size: int | None = None,
+) -> torch.Tensor:
+    """Decode attention over a paged KV cache (Triton): one query token per sequence.
+
+    Args:
+        q: ``(num_seqs, heads, head_dim)`` fp16/bf16/fp32, last dim contiguous.
+        k_cache, v_cache: ``(num_blocks, block_size, kv_heads, head_dim)`` in q's dtype;
+            ``heads`` must be a multiple of ``kv_heads`` (grouped-query attention).
+        block_tables: ``(num_seqs, max_blocks)`` int32; entries past a sequence's
+            context are never read (they may be -1 or garbage).
+        context_lens: ``(num_seqs,)`` int32, each in ``[1, max_blocks * block_size]``
+            (not checked on the device: no host sync, so the call can be graph-captured).
+        softmax_scale: defaults to ``1 / sqrt(head_dim)``.
+        partition_size: tokens per flash-decoding partition, a positive multiple of 16;
+            ``None`` picks it from the batch size and ``max_blocks * block_size`` so the
+            grid fills the device.
+
+    Returns:
+        ``(num_seqs, heads, head_dim)`` in q's dtype.
+    """
+    _, block_size, kv_heads, head_dim = _check_decode(
+        q, k_cache, v_cache, block_tables, context_lens
+    )
+    _check_devices(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                   context_lens=context_lens)
+    scale = _scale(softmax_scale, head_dim)
+    num_seqs, heads, _ = q.shape
+    group = heads // kv_heads
+    out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    max_context = block_tables.shape[1] * block_size
+    block_n = _decode_block_n(head_dim)
+    if partition_size is None:
+        partition_size = _choose_partition(max_context, num_seqs * kv_heads, block_n, q.device)
+    elif (not isinstance(partition_size, int) or isinstance(partition_size, bool)
+          or partition_size <= 0 or partition_size % 16):
+        raise ValueError(
+            f"partition_size must be a positive multiple of 16, got {partition_size!r}"
+        )
+    while partition_size % block_n:
+        block_n //= 2
+    num_partitions = triton.cdiv(max_context, partition_size)
+    split = num_partitions > 1
+    block_d = triton.next_power_of_2(head_dim)
+    if split:
+        m = torch.empty(num_seqs, heads, num_partitions, device=q.device, dtype=torch.float32)
+        l = torch.empty_like(m)
+        acc = torch.empty(num_seqs, heads, num_partitions, head_dim, device=q.device,
+                          dtype=torch.float32)
+    else:
+        m = l = acc = out
+    _paged_decode_kernel[(num_seqs, kv_heads, num_partitions)](
+        q, k_cache, v_cache, block_tables, context_lens, out, m, l, acc,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        scale * _LOG2E, group, head_dim, partition_size, num_partitions,
+        BLOCK_SIZE=block_size, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=split, IN_PREC=_in_prec(q.dtype),
+        num_warps=4, num_stages=2 if interpreting() else 3,
+    )
+    if split:
+        _paged_decode_reduce_kernel[(num_seqs, heads)](
+            m, l, acc, context_lens, out,
+            out.stride(0), out.stride(1),
+            head_dim, partition_size, num_partitions,
+            PART_PAD=triton.next_power_of_2(num_partitions), CHUNK=_REDUCE_CHUNK,
+            BLOCK_D=block_d,
+        )
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_seqlen_q: int,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of new tokens over their sequence's cached + new K/V (Triton).
+
+    The new tokens' K/V must already be in the cache (``store_kv_cache``). Query
+    ``i`` of a sequence with ``seqlen_q`` new tokens and ``context_len`` tokens in
+    all sits at position ``context_len - seqlen_q + i`` and attends to positions
+    ``<=`` its own (causal, aligned to the end of the context). Used for prefill
+    after a prefix-cache hit and for chunked prefill.
+
+    Args:
+        q: ``(total_q, heads, head_dim)`` fp16/bf16/fp32, the new tokens of every
+            sequence packed; last dim contiguous.
+        k_cache, v_cache: ``(num_blocks, block_size, kv_heads, head_dim)`` in q's dtype.
+        block_tables: ``(num_seqs, max_blocks)`` int32.
+        cu_seqlens_q: ``(num_seqs + 1,)`` int32, sequence ``b``'s queries are rows
+            ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of q.
+        context_lens: ``(num_seqs,)`` int32, cached + new tokens of each sequence
+            (``>= seqlen_q``, ``<= max_blocks * block_size``; not checked on the device).
+        max_seqlen_q: the largest ``seqlen_q`` (a host int: sizes the grid).
+        softmax_scale: defaults to ``1 / sqrt(head_dim)``.
+
+    Returns:
+        ``(total_q, heads, head_dim)`` in q's dtype.
+    """
+    _, block_size, kv_heads, head_dim = _check_prefill(
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q
+    )
+    _check_devices(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                   cu_seqlens_q=cu_seqlens_q, context_lens=context_lens)
+    scale = _scale(softmax_scale, head_dim)
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    heads = q.shape[1]
+    out = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return out
+    if interpreting():
+        block_m, block_n, warps, stages = 16, 16, 4, 1
+    elif head_dim <= 64:
+        block_m, block_n, warps, stages = 128, 64, 4, 3
+    else:
+        block_m, block_n, warps, stages = 64, 64, 4, 3
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, heads)
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        scale * _LOG2E, heads // kv_heads, head_dim,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(head_dim), IN_PREC=_in_prec(q.dtype),
+        num_warps=warps, num_stages=stages,
+    )
     return out
