@@ -1,0 +1,678 @@
+"""Fused attention (FlashAttention-2 style): forward and backward in Triton.
+
+Packed variable-length sequences are the native layout: ``q: (total_q, heads,
+head_dim)``, ``k, v: (total_k, kv_heads, head_dim)`` with int32 ``cu_seqlens``
+giving where each sequence starts. Dense ``(batch, seqlen, heads, head_dim)``
+inputs are the same problem with uniform lengths. Grouped-query and multi-query
+attention (``heads % kv_heads == 0``) read the shared K/V head directly; nothing
+is repeated in memory.
+
+Causal masks are aligned to the bottom right: query ``i`` of a sequence attends
+key ``j`` when ``j <= i + seqlen_k - seqlen_q`` (the queries are the last
+``seqlen_q`` positions). A query row that can see no key (possible only when
+``seqlen_q > seqlen_k``) gets a zero output and zero gradients.
+
+Forward: one program per (query block, head, sequence) streams K/V tiles with an
+online softmax in base 2 (``log2(e)`` folded into the scale); key blocks past the
+diagonal are skipped and the blocks on it are masked in a separate loop. It
+stores the log-sum-exp per row for the backward.
+
+Backward: ``delta = rowsum(dO * O)``; one kernel per key block accumulates dK and
+dV over query blocks and over the query heads sharing its K/V head; another per
+query block accumulates dQ over key blocks. No atomics: results are
+deterministic.
+
+Head dims 32, 64, 96 and 128 are supported (96 runs in 128-wide tiles with the
+extra lanes masked); other head dims raise ``ValueError``. Inputs may be fp32,
+fp16 or bf16; every dot product accumulates in fp32 (fp32 inputs use full-
+precision dots, not tf32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    FLOAT_DTYPES,
+    check_last_dim_contiguous,
+    check_tensor,
+    check_triton_device,
+    interpreting,
+)
+
+SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _load_rows(base, rows, stride_t, n_rows, offs_d,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile; rows >= n_rows and lanes >= HEAD_DIM read as zero."""
+    ptrs = base + rows[:, None] * stride_t + offs_d[None, :]
+    if CHECK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM),
+                        other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(base, x, rows, stride_t, n_rows, offs_d,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_t + offs_d[None, :]
+    if HEAD_DIM == BLOCK_D:
+        tl.store(ptrs, x, mask=rows[:, None] < n_rows)
+    else:
+        tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi,
+               offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale,
+               CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Stream key blocks [lo, hi) into the running (acc, l_i, m_i) of one query block.
+
+    MASKED blocks apply the key-bounds and causal masks; a row that is fully
+    masked so far keeps m_i = -inf and contributes nothing.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_rows(k_base, cols, stride_kt, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            mask = cols[None, :] < seqlen_k
+            if CAUSAL:
+                mask = mask & (cols[None, :] <= offs_m[:, None] + diag)
+            qk = tl.where(mask, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base, cols, stride_vt, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _causal_key_range(start_m, seqlen_k, diag, CAUSAL: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key ranges for one query block: [0, off_end) needs no mask, [off_end, band_end) does."""
+    if CAUSAL:
+        off_end = tl.maximum(start_m + diag + 1, 0) // BLOCK_N * BLOCK_N
+        band_end = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), seqlen_k)
+    else:
+        off_end = seqlen_k // BLOCK_N * BLOCK_N
+        band_end = seqlen_k
+    return off_end, band_end
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_lse_h, qk_scale, seqlen_key,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(CU_Q + seq)
+    seqlen_q = tl.load(CU_Q + seq + 1) - q_start
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    k_start = tl.load(CU_K + seq)
+    seqlen_k = tl.load(CU_K + seq + 1) - k_start
+    diag = seqlen_k - seqlen_q
+    kv_head = head // GROUP
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
+    k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+    q = _load_rows(q_base, offs_m, stride_qt, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    off_end, band_end = _causal_key_range(start_m, seqlen_k, diag, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                               0, off_end, offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale,
+                               CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                               off_end, band_end, offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale,
+                               CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    o_base = O + q_start.to(tl.int64) * stride_ot + head * stride_oh
+    _store_rows(o_base, acc.to(O.dtype.element_ty), offs_m, stride_ot, seqlen_q, offs_d,
+                HEAD_DIM, BLOCK_D)
+    tl.store(LSE + head * stride_lse_h + q_start + offs_m, lse, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA, total_q, stride_ot, stride_oh, stride_dot, stride_doh, stride_delta_h,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    head = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + head * stride_oh, rows, stride_ot, total_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + head * stride_doh, rows, stride_dot, total_q, offs_d, HEAD_DIM, BLOCK_D,
+                    True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + head * stride_delta_h + rows, delta, mask=rows < total_q)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+                    lo, hi, offs_m, offs_n, offs_d, seqlen_q, diag, qk_scale,
+                    CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate one key block's dK, dV over query blocks [lo, hi) of one query head.
+
+    Works on transposed scores (keys on rows) so no probability tile is transposed.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        q = _load_rows(q_base, rows, stride_qt, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        do = _load_rows(do_base, rows, stride_dot, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        if MASKED:
+            lse = tl.load(lse_base + rows, mask=rows < seqlen_q, other=float("inf"))
+            delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
+        else:
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+        if MASKED and CAUSAL:
+            p_t = tl.where(offs_n[:, None] <= rows[None, :] + diag, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h,
+    softmax_scale, qk_scale, seqlen_key,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+    k_start = tl.load(CU_K + seq)
+    seqlen_k = tl.load(CU_K + seq + 1) - k_start
+    start_n = pid_n * BLOCK_N
+    if start_n >= seqlen_k:
+        return
+    q_start = tl.load(CU_Q + seq)
+    seqlen_q = tl.load(CU_Q + seq + 1) - q_start
+    diag = seqlen_k - seqlen_q
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+    k = _load_rows(k_base, offs_n, stride_kt, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(v_base, offs_n, stride_vt, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query blocks [lo, mid) straddle the diagonal (masked), [mid, full_end) see every key of
+    # this block (unmasked), the partial last block [max(mid, full_end), seqlen_q) is masked.
+    if CAUSAL:
+        lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
+        mid = (tl.maximum(start_n + BLOCK_N - 1 - diag, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    else:
+        lo = 0
+        mid = 0
+    full_end = seqlen_q // BLOCK_M * BLOCK_M
+    band_end = tl.minimum(mid, seqlen_q)
+    tail_start = tl.maximum(mid, full_end)
+
+    for g in range(GROUP):
+        head = kv_head * GROUP + g
+        q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
+        do_base = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh
+        lse_base = LSE + head * stride_lse_h + q_start
+        delta_base = DELTA + head * stride_lse_h + q_start
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 stride_qt, stride_dot, lo, band_end, offs_m, offs_n, offs_d,
+                                 seqlen_q, diag, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D,
+                                 BLOCK_M, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 stride_qt, stride_dot, mid, full_end, offs_m, offs_n, offs_d,
+                                 seqlen_q, diag, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D,
+                                 BLOCK_M, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                 stride_qt, stride_dot, tail_start, seqlen_q, offs_m, offs_n,
+                                 offs_d, seqlen_q, diag, qk_scale, CAUSAL, True, HEAD_DIM,
+                                 BLOCK_D, BLOCK_M, DOT_PRECISION)
+
+    dk_base = DK + k_start.to(tl.int64) * stride_dkt + kv_head * stride_dkh
+    dv_base = DV + k_start.to(tl.int64) * stride_dvt + kv_head * stride_dvh
+    _store_rows(dk_base, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkt,
+                seqlen_k, offs_d, HEAD_DIM, BLOCK_D)
+    _store_rows(dv_base, dv.to(DV.dtype.element_ty), offs_n, stride_dvt, seqlen_k, offs_d,
+                HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi,
+                  offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale,
+                  CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate one query block's dQ over key blocks [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_rows(k_base, cols, stride_kt, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(v_base, cols, stride_vt, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if MASKED:
+            mask = cols[None, :] < seqlen_k
+            if CAUSAL:
+                mask = mask & (cols[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(mask, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh, stride_lse_h,
+    softmax_scale, qk_scale, seqlen_key,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(CU_Q + seq)
+    seqlen_q = tl.load(CU_Q + seq + 1) - q_start
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    k_start = tl.load(CU_K + seq)
+    seqlen_k = tl.load(CU_K + seq + 1) - k_start
+    diag = seqlen_k - seqlen_q
+    kv_head = head // GROUP
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
+    do_base = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh
+    k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+    q = _load_rows(q_base, offs_m, stride_qt, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(do_base, offs_m, stride_dot, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    row_ok = offs_m < seqlen_q
+    lse = tl.load(LSE + head * stride_lse_h + q_start + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + head * stride_lse_h + q_start + offs_m, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    off_end, band_end = _causal_key_range(start_m, seqlen_k, diag, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, off_end,
+                       offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale, CAUSAL, False,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, off_end,
+                       band_end, offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale, CAUSAL, True,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    dq_base = DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh
+    _store_rows(dq_base, (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqt,
+                seqlen_q, offs_d, HEAD_DIM, BLOCK_D)
+
+
+# --------------------------------------------------------------------------- autotuning
+
+
+def _configs(cuda_configs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU; one small config in the interpreter."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in cuda_configs]
+
+
+_TUNE_KEY = ["seqlen_key", "HEAD_DIM", "CAUSAL", "GROUP"]
+
+_fwd = triton.autotune(
+    _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
+              (128, 128, 8, 2), (64, 64, 4, 3)]),
+    key=_TUNE_KEY,
+)(_attn_fwd_kernel)
+
+_bwd_dkdv = triton.autotune(
+    _configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3)]),
+    key=_TUNE_KEY,
+)(_attn_bwd_dkdv_kernel)
+
+_bwd_dq = triton.autotune(
+    _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 3)]),
+    key=_TUNE_KEY,
+)(_attn_bwd_dq_kernel)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _seqlen_key(max_seqlen: int) -> int:
+    """Autotuning bucket: the next power of two, so ragged batches reuse tuned configs."""
+    return triton.next_power_of_2(max(max_seqlen, 1))
+
+
+def _forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    total_q, heads, head_dim = q.shape
+    num_seqs = cu_q.numel() - 1
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((heads, total_q), device=q.device, dtype=torch.float32)
+    if total_q == 0 or max_seqlen_q == 0:
+        return o, lse
+    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, num_seqs)
+    _fwd[grid](
+        q, k, v, o, lse, cu_q, cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        o.stride(0), o.stride(1), lse.stride(0),
+        softmax_scale * _LOG2E, _seqlen_key(max(max_seqlen_q, max_seqlen_k)),
+        GROUP=heads // k.shape[1], HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), CAUSAL=causal,
+        DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    total_q, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    num_seqs = cu_q.numel() - 1
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if total_q == 0 or k.shape[0] == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_d = triton.next_power_of_2(head_dim)
+    delta = torch.empty_like(lse)
+    block_t = 16 if interpreting() else 64
+    _attn_bwd_delta_kernel[(triton.cdiv(total_q, block_t), heads)](
+        o, do, delta, total_q, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
+        delta.stride(0), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t,
+    )
+    common = dict(GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal,
+                  DOT_PRECISION=_dot_precision(q.dtype))
+    seqlen_key = _seqlen_key(max(max_seqlen_q, max_seqlen_k))
+    qk_scale = softmax_scale * _LOG2E
+    if max_seqlen_k > 0:
+        grid_kv = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), kv_heads, num_seqs)
+        _bwd_dkdv[grid_kv](
+            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            lse.stride(0), softmax_scale, qk_scale, seqlen_key, **common,
+        )
+    if max_seqlen_q > 0:
+        grid_q = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, num_seqs)
+        _bwd_dq[grid_q](
+            q, k, v, do, lse, delta, dq, cu_q, cu_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
+            softmax_scale, qk_scale, seqlen_key, **common,
+        )
+    return dq, dk, dv
+
+
+class _FlashAttentionVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+        o, lse = _forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale)
+        ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
+        ctx.args = (max_seqlen_q, max_seqlen_k, causal, softmax_scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = _backward(do.contiguous(), q, k, v, o, lse, cu_q, cu_k, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_qkv(q: object, k: object, v: object, layout: str, ndim: int) -> None:
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=ndim)
+    check_tensor("k", k, dtypes=(q.dtype,), ndim=ndim, device=q.device)
+    check_tensor("v", v, dtypes=(q.dtype,), ndim=ndim, device=q.device)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_triton_device(name, t)
+        check_last_dim_contiguous(name, t)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} "
+                         f"and v {tuple(v.shape)}")
+    head_dim = q.shape[-1]
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: head_dim must be one of {SUPPORTED_HEAD_DIMS}, got shape "
+                         f"{tuple(q.shape)} ({layout})")
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k: head_dim must match q's {head_dim}, got shape {tuple(k.shape)}")
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(f"k: kv_heads must divide q's heads ({heads}), got k shape "
+                         f"{tuple(k.shape)} ({layout})")
+
+
+def _check_scale(softmax_scale: float | None, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool) \
+            or not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a positive finite number or None, "
+                         f"got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def _check_cu_seqlens(name: str, cu: object, total: int, max_name: str, max_seqlen: object,
+                      device: torch.device, check_values: bool) -> None:
+    check_tensor(name, cu, dtypes=(torch.int32,), ndim=1, device=device)
+    if cu.numel() < 2:
+        raise ValueError(f"{name} must hold num_seqs + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
+    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0:
+        raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    if not check_values:
+        return
+    lengths = cu[1:] - cu[:-1]
+    first, last, min_len, max_len = torch.stack(
+        [cu[0], cu[-1], lengths.min(), lengths.max()]).tolist()
+    if first != 0 or min_len < 0:
+        raise ValueError(f"{name} must start at 0 and never decrease, got {cu.tolist()}")
+    if last != total:
+        raise ValueError(f"{name} must end at the number of packed tokens {total}, got {last}")
+    if max_len > max_seqlen:
+        raise ValueError(f"{max_name}={max_seqlen} is less than the longest sequence in "
+                         f"{name} ({max_len})")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def flash_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    *,
+    check_cu_seqlens: bool = True,
+) -> torch.Tensor:
+    """Attention over packed variable-length sequences (Triton, differentiable).
+
+    Args:
+        q: ``(total_q, heads, head_dim)`` fp32/fp16/bf16, head_dim in 32/64/96/128.
+        k, v: ``(total_k, kv_heads, head_dim)``, q's dtype and device; ``heads % kv_heads == 0``.
+        cu_seqlens_q, cu_seqlens_k: ``(num_seqs + 1,)`` int32 cumulative lengths starting at 0
+            and ending at ``total_q`` / ``total_k``.
+        max_seqlen_q, max_seqlen_k: the longest query / key sequence (sizes the launch grid).
+        causal: bottom-right aligned per sequence: query ``i`` sees key
+            ``j <= i + seqlen_k - seqlen_q``.
+        softmax_scale: defaults to ``1 / sqrt(head_dim)``.
+        check_cu_seqlens: read ``cu_seqlens`` back to the host to check their values (one
+            device synchronization); pass False when the caller has already checked them.
+
+    Returns:
+        ``(total_q, heads, head_dim)`` in q's dtype.
+    """
+    _check_qkv(q, k, v, "(total, heads, head_dim)", 3)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q,
+                      q.device, check_cu_seqlens)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k,
+                      q.device, check_cu_seqlens)
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+        raise ValueError(f"cu_seqlens_k must have the same shape as cu_seqlens_q "
+                         f"{tuple(cu_seqlens_q.shape)}, got {tuple(cu_seqlens_k.shape)}")
+    scale = _check_scale(softmax_scale, q.shape[-1])
+    return _FlashAttentionVarlen.apply(q, k, v, cu_seqlens_q.contiguous(),
+                                       cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
+                                       bool(causal), scale)
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Attention over a dense batch (Triton, differentiable).
+
+    Args:
+        q: ``(batch, seqlen_q, heads, head_dim)`` fp32/fp16/bf16, head_dim in 32/64/96/128.
+        k, v: ``(batch, seqlen_k, kv_heads, head_dim)``, q's dtype and device;
+            ``heads % kv_heads == 0``.
+        causal: bottom-right aligned: query ``i`` sees key ``j <= i + seqlen_k - seqlen_q``.
+        softmax_scale: defaults to ``1 / sqrt(head_dim)``.
+
+    Returns:
+        ``(batch, seqlen_q, heads, head_dim)`` in q's dtype.
+    """
+    _check_qkv(q, k, v, "(batch, seqlen, heads, head_dim)", 4)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
+    scale = _check_scale(softmax_scale, q.shape[-1])
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    steps = torch.arange(batch + 1, device=q.device, dtype=torch.int32)
+    out = _FlashAttentionVarlen.apply(
+        q.reshape(batch * seqlen_q, heads, head_dim),
+        k.reshape(batch * seqlen_k, kv_heads, head_dim),
+        v.reshape(batch * seqlen_k, kv_heads, head_dim),
+        steps * seqlen_q, steps * seqlen_k, seqlen_q, seqlen_k, bool(causal), scale,
+    )
+    return out.view(batch, seqlen_q, heads, head_dim)
+
+
+# --------------------------------------------------------------------------- references
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch attention in fp32 with the same semantics as :func:`flash_attention`.
+
+    ``q: (batch, seqlen_q, heads, head_dim)``, ``k, v: (batch, seqlen_k, kv_heads, head_dim)``;
+    scores are materialised, K/V heads repeated for grouped-query attention, rows that
+    see no key give zeros. Returns q's shape and dtype.
+    """
+    heads, kv_heads = q.shape[2], k.shape[2]
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    qf = q.float().transpose(1, 2)
+    kf = k.float().repeat_interleave(heads // kv_heads, dim=2).transpose(1, 2)
+    vf = v.float().repeat_interleave(heads // kv_heads, dim=2).transpose(1, 2)
+    scores = (qf @ kf.transpose(-1, -2)) * scale
+    if causal:
+        rows = torch.arange(seqlen_q, device=q.device)[:, None]
+        cols = torch.arange(seqlen_k, device=q.device)[None, :]
+        visible = cols <= rows + (seqlen_k - seqlen_q)
+        scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).masked_fill(~visible, 0.0)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return (probs @ vf).transpose(1, 2).to(q.dtype)
+
+
+def attention_varlen_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch (fp32) version of :func:`flash_attention_varlen`, one sequence at a time.
+
+    ``q: (total_q, heads, head_dim)``, ``k, v: (total_k, kv_heads, head_dim)``, int32
+    ``cu_seqlens_*``; ``max_seqlen_*`` are accepted for signature parity. Returns q's
+    shape and dtype.
+    """
+    bounds_q = cu_seqlens_q.tolist()
+    bounds_k = cu_seqlens_k.tolist()
+    outs = []
+    for i in range(len(bounds_q) - 1):
+        qs = q[bounds_q[i]:bounds_q[i + 1]].unsqueeze(0)
+        ks = k[bounds_k[i]:bounds_k[i + 1]].unsqueeze(0)
+        vs = v[bounds_k[i]:bounds_k[i + 1]].unsqueeze(0)
+        outs.append(attention_reference(qs, ks, vs, causal, softmax_scale).squeeze(0))
+    return torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
