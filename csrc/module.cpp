@@ -3,7 +3,12 @@
 
 namespace py = pybind11;
 
+namespace llm_engine {
+void register_kv_cache(py::module_& m);  // csrc/kv_cache/bindings.cpp
+}  // namespace llm_engine
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "llm_engine native extension: KV-cache block manager";
   m.def("version", []() { return "0.1.0"; }, "Version of the native extension.");
+  llm_engine::register_kv_cache(m);
 }
