@@ -1,0 +1,179 @@
+"""Fused attention, forward and forward+backward: TFLOP/s.
+
+Cases on CUDA (bf16): seqlen {512 … 16384} with batch × seqlen = 16384 tokens,
+head_dim {64, 128} with heads × head_dim = 2048, causal and not. FLOPs counted
+as 4·B·H·T²·D for the forward and 2.5× that for the backward (so 3.5× for
+forward+backward), halved when causal. Implementations:
+
+- ``llm_engine``: ``flash_attention`` (Triton, this engine);
+- ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``, ``sdpa-math``:
+  ``F.scaled_dot_product_attention`` restricted to one backend with
+  ``torch.nn.attention.sdpa_kernel`` (``sdpa-flash`` is PyTorch's build of
+  FlashAttention-2; ``sdpa-math`` only where its materialised scores fit the
+  memory cap);
+- ``flash-attn`` (FlashAttention-2 package) and ``flash-attn-3`` (its Hopper
+  interface) when importable; a row with a note says when not.
+
+Each row's ``rel_err`` is against an fp32 reference computed a few heads at a
+time (materialised scores): the output for forward rows, the concatenated
+dq/dk/dv for forward+backward rows. On CPU (quick) one tiny shape runs: the
+Triton kernel under ``TRITON_INTERPRET=1``, else the engine's CPU path (the
+PyTorch reference); neither is a speed figure for the kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from llm_engine.bench.common import OURS, Ceilings, Row, rel_error, time_ms
+from llm_engine.kernels._utils import interpreting
+from llm_engine.kernels.attention import attention_reference, flash_attention
+
+SUITE = "attention"
+TOKENS = 16384
+HIDDEN = 2048
+MATH_SCORES_CAP = 1 << 30  # sdpa-math materialises batch·heads·T² scores
+REFERENCE_CHUNK = 1 << 28  # scores per reference chunk (fp32: 1 GiB)
+
+Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
+
+def _cases(device: str, quick: bool) -> list[tuple[int, int, int, int, bool]]:
+    """(batch, seqlen, heads, head_dim, causal)."""
+    if torch.device(device).type != "cuda":
+        return [(1, 48, 2, 32, True)]
+    seqlens = (1024, 4096) if quick else (512, 1024, 2048, 4096, 8192, 16384)
+    dims = (128,) if quick else (64, 128)
+    return [(TOKENS // t, t, HIDDEN // d, d, causal)
+            for d in dims for causal in (True, False) for t in seqlens]
+
+
+def _sdpa(backend: SDPBackend) -> Attn:
+    def attn(q, k, v, causal):
+        with sdpa_kernel([backend]):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                 v.transpose(1, 2), is_causal=causal)
+        return out.transpose(1, 2)
+    return attn
+
+
+def _optional_impls() -> list[tuple[str, Attn | None, str]]:
+    """(name, function or None, note) for the flash-attn packages."""
+    impls: list[tuple[str, Attn | None, str]] = []
+    try:
+        from flash_attn import flash_attn_func
+        impls.append(("flash-attn", lambda q, k, v, c: flash_attn_func(q, k, v, causal=c),
+                      "FlashAttention-2 package"))
+    except ImportError as e:
+        impls.append(("flash-attn", None, f"flash-attn not installed ({e}); sdpa-flash is "
+                                          "PyTorch's build of FlashAttention-2"))
+    try:
+        from flash_attn_interface import flash_attn_func as fa3
+
+        def attn3(q, k, v, c):
+            out = fa3(q, k, v, causal=c)
+            return out[0] if isinstance(out, tuple) else out
+        impls.append(("flash-attn-3", attn3, "FlashAttention-3 (Hopper)"))
+    except ImportError as e:
+        impls.append(("flash-attn-3", None, f"flash-attn-3 not installed ({e})"))
+    return impls
+
+
+def _reference(q, k, v, grad_out, causal):
+    """fp32 output and dq/dk/dv, computed a few (batch, head) slices at a time."""
+    batch, seqlen, heads, _ = q.shape
+    per_chunk = max(1, REFERENCE_CHUNK // (seqlen * seqlen))
+    out = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+    grads = [torch.empty(t.shape, device=q.device, dtype=torch.float32) for t in (q, k, v)]
+    for b in range(batch):
+        for h in range(0, heads, per_chunk):
+            sl = (slice(b, b + 1), slice(None), slice(h, h + per_chunk))
+            qc, kc, vc = (t[sl].float().requires_grad_() for t in (q, k, v))
+            oc = attention_reference(qc, kc, vc, causal)
+            for g, gc in zip(grads, torch.autograd.grad(oc, (qc, kc, vc), grad_out[sl].float()),
+                             strict=True):
+                g[sl] = gc
+            out[sl] = oc.detach()
+    return out, torch.cat([g.flatten() for g in grads])
+
+
+def _measure(name, attn, q, k, v, grad_out, causal, ref_out, ref_grads, flops, case, params,
+             device, quick, note) -> Iterator[Row]:
+    """A forward row and a forward+backward row for one implementation."""
+    def fwd():
+        return attn(q, k, v, causal)
+
+    def fwd_bwd():
+        return torch.autograd.grad(attn(q, k, v, causal), (q, k, v), grad_out)
+
+    for mode, fn, mode_flops in (("fwd", fwd, flops), ("fwd+bwd", fwd_bwd, 3.5 * flops)):
+        row_case = f"{mode} {case}"
+        try:
+            result = fn()
+            err = (rel_error(result, ref_out) if mode == "fwd"
+                   else rel_error(torch.cat([g.flatten() for g in result]), ref_grads))
+            del result
+            ms = time_ms(fn, device, quick=quick)
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            first = " ".join(str(e).split())[:200]
+            yield Row(SUITE, row_case, name, "TFLOP/s", None, params=params,
+                      note=f"failed: {type(e).__name__}: {first}")
+            continue
+        yield Row(SUITE, row_case, name, "TFLOP/s", mode_flops / (ms * 1e-3) / 1e12, ms=ms,
+                  rel_err=err, params=params, note=note)
+
+
+def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
+    cuda = torch.device(device).type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if cuda or interpreting():
+        ours: Attn = lambda q, k, v, c: flash_attention(q, k, v, causal=c)  # noqa: E731
+        ours_note = "" if cuda else "Triton interpreter on CPU: not a speed figure"
+    else:
+        ours = lambda q, k, v, c: attention_reference(q, k, v, causal=c)  # noqa: E731
+        ours_note = "CPU: the engine's PyTorch path (attention_reference), not the kernel"
+    sdpa = [("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-efficient",
+            SDPBackend.EFFICIENT_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+            ("sdpa-math", SDPBackend.MATH)]
+    optional = _optional_impls() if cuda else [("flash-attn", None, "flash-attn needs CUDA")]
+
+    for batch, seqlen, heads, head_dim, causal in _cases(device, quick):
+        case = f"d{head_dim} {'causal' if causal else 'full'} T={seqlen}"
+        params = {"seqlen": seqlen, "head_dim": head_dim, "causal": int(causal)}
+        flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+        shape = (batch, seqlen, heads, head_dim)
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        grad_out = torch.randn(shape, device=device, dtype=dtype)
+        ref_out, ref_grads = _reference(q.detach(), k.detach(), v.detach(), grad_out, causal)
+        common = (q, k, v, grad_out, causal, ref_out, ref_grads, flops, case, params, device,
+                  quick)
+
+        yield from _measure(OURS, ours, *common, ours_note)
+        for name, backend in sdpa:
+            if backend == SDPBackend.MATH and batch * heads * seqlen * seqlen > MATH_SCORES_CAP:
+                for mode in ("fwd", "fwd+bwd"):
+                    yield Row(SUITE, f"{mode} {case}", name, "TFLOP/s", None, params=params,
+                              note=f"skipped: {batch * heads * seqlen * seqlen:.2e} materialised "
+                                   f"scores exceed the cap of {MATH_SCORES_CAP:.2e}")
+                continue
+            yield from _measure(name, _sdpa(backend), *common, f"sdpa_kernel([{backend.name}])")
+        for name, attn, note in optional:
+            if attn is None:
+                for mode in ("fwd", "fwd+bwd"):
+                    yield Row(SUITE, f"{mode} {case}", name, "TFLOP/s", None, params=params,
+                              note=note)
+                continue
+            yield from _measure(name, attn, *common, note)
+        del q, k, v, grad_out, ref_out, ref_grads, common
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def run(device: str, quick: bool, ceilings: Ceilings) -> list[Row]:
+    """Rows for every case and implementation (see the module docstring)."""
+    return list(iter_rows(device, quick, ceilings))
