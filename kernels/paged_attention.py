@@ -219,9 +219,9 @@ def paged_attention_reference(
     group = heads // kv_heads
     lens = context_lens.long()
     max_len = int(lens.max().item())
-    if int(lens.min().item()) < 1 or max_len > block_tables.shape[1] * block_size:
+    if int(lens.min().item()) < 0 or max_len > block_tables.shape[1] * block_size:
         raise ValueError(
-            f"context_lens must lie in [1, max_blocks * block_size = "
+            f"context_lens must lie in [0, max_blocks * block_size = "
             f"{block_tables.shape[1] * block_size}], got {context_lens.tolist()}"
         )
     pos = torch.arange(max_len, device=q.device)
@@ -235,6 +235,7 @@ def paged_attention_reference(
     scores = torch.einsum("skgd,stkd->skgt", qg, k) * scale
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    probs = probs.masked_fill((lens == 0)[:, None, None, None], 0.0)  # empty context: zeros
     out = torch.einsum("skgt,stkd->skgd", probs, v)
     return out.reshape(num_seqs, heads, head_dim).to(q.dtype)
 
@@ -345,7 +346,7 @@ def _paged_decode_kernel(
     part = tl.program_id(2)
     ctx = tl.load(lens_ptr + seq)
     start = part * partition_size
-    if start >= ctx:
+    if part > 0 and start >= ctx:
         return
     end = tl.minimum(start + partition_size, ctx)
 
@@ -388,7 +389,7 @@ def _paged_decode_kernel(
         tl.store(l_ptr + row, l_i, mask=gmask)
         tl.store(acc_ptr + row[:, None] * head_dim + d[None, :], acc, mask=out_mask)
     else:
-        out = acc / l_i[:, None]
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context gives zeros
         tl.store(out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -398,7 +399,7 @@ def _paged_decode_reduce_kernel(
     m_ptr, l_ptr, acc_ptr, lens_ptr, out_ptr,
     stride_os, stride_oh,
     head_dim, partition_size, num_partitions,
-    PART_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Merge the partial softmax states of one (sequence, head) into its output."""
     seq = tl.program_id(0)
@@ -406,9 +407,12 @@ def _paged_decode_reduce_kernel(
     ctx = tl.load(lens_ptr + seq)
     n_parts = tl.cdiv(ctx, partition_size)
     base = (seq * tl.num_programs(1) + h).to(tl.int64) * num_partitions
-    p = tl.arange(0, PART_PAD)
-    m = tl.load(m_ptr + base + p, mask=p < n_parts, other=float("-inf"))
-    m_max = tl.max(m, 0)
+    m_chunks = tl.full([CHUNK], float("-inf"), tl.float32)
+    for c0 in range(0, n_parts, CHUNK):
+        pc = c0 + tl.arange(0, CHUNK)
+        m_chunks = tl.maximum(m_chunks, tl.load(m_ptr + base + pc, mask=pc < n_parts,
+                                                other=float("-inf")))
+    m_max = tl.max(m_chunks, 0)
     d = tl.arange(0, BLOCK_D)
     dmask = d < head_dim
     total = tl.zeros([BLOCK_D], tl.float32)
@@ -423,7 +427,8 @@ def _paged_decode_reduce_kernel(
         a = tl.load(acc_ptr + (base + pc)[:, None] * head_dim + d[None, :],
                     mask=pcmask[:, None] & dmask[None, :], other=0.0)
         total += tl.sum(a * w[:, None], 0)
-    out = total / tl.sum(norm, 0)
+    norm_sum = tl.sum(norm, 0)
+    out = total / tl.where(norm_sum > 0, norm_sum, 1.0)  # an empty context gives zeros
     tl.store(out_ptr + seq.to(tl.int64) * stride_os + h * stride_oh + d,
              out.to(out_ptr.dtype.element_ty), mask=dmask)
 
@@ -498,9 +503,22 @@ def _check_devices(**tensors: torch.Tensor) -> None:
         check_triton_device(name, t)
 
 
-def _in_prec(dtype: torch.dtype) -> str:
-    """fp32 inputs keep full precision in ``tl.dot`` (no TF32)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _in_prec(dtype: torch.dtype) -> str | None:
+    """fp32 inputs keep full precision in ``tl.dot`` (no TF32); others use the default."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two, at least 16 (``tl.dot``'s smallest K)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _num_stages(block_n: int, block_d: int, dtype: torch.dtype) -> int:
+    """Pipeline depth whose K and V tiles fit in ~128 KiB of shared memory."""
+    if interpreting():
+        return 1
+    per_stage = 2 * block_n * block_d * dtype.itemsize
+    return max(1, min(3, (128 << 10) // per_stage))
 
 
 @functools.cache
@@ -583,8 +601,9 @@ def paged_attention(
             ``heads`` must be a multiple of ``kv_heads`` (grouped-query attention).
         block_tables: ``(num_seqs, max_blocks)`` int32; entries past a sequence's
             context are never read (they may be -1 or garbage).
-        context_lens: ``(num_seqs,)`` int32, each in ``[1, max_blocks * block_size]``
-            (not checked on the device: no host sync, so the call can be graph-captured).
+        context_lens: ``(num_seqs,)`` int32, each in ``[0, max_blocks * block_size]``
+            (not checked on the device: no host sync, so the call can be graph-captured);
+            a sequence of length 0 (batch padding) gets a zero output.
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
         partition_size: tokens per flash-decoding partition, a positive multiple of 16;
             ``None`` picks it from the batch size and ``max_blocks * block_size`` so the
@@ -617,7 +636,7 @@ def paged_attention(
         block_n //= 2
     num_partitions = triton.cdiv(max_context, partition_size)
     split = num_partitions > 1
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = _block_d(head_dim)
     if split:
         m = torch.empty(num_seqs, heads, num_partitions, device=q.device, dtype=torch.float32)
         l = torch.empty_like(m)
@@ -635,14 +654,14 @@ def paged_attention(
         scale * _LOG2E, group, head_dim, partition_size, num_partitions,
         BLOCK_SIZE=block_size, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=split, IN_PREC=_in_prec(q.dtype),
-        num_warps=4, num_stages=2 if interpreting() else 3,
+        num_warps=4, num_stages=_num_stages(block_n, block_d, q.dtype),
     )
     if split:
         _paged_decode_reduce_kernel[(num_seqs, heads)](
             m, l, acc, context_lens, out,
             out.stride(0), out.stride(1),
             head_dim, partition_size, num_partitions,
-            PART_PAD=triton.next_power_of_2(num_partitions), CHUNK=_REDUCE_CHUNK,
+            CHUNK=_REDUCE_CHUNK,
             BLOCK_D=block_d,
         )
     return out
@@ -692,12 +711,13 @@ def paged_prefill_attention(
     out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
+    block_d = _block_d(head_dim)
     if interpreting():
-        block_m, block_n, warps, stages = 16, 16, 4, 1
+        block_m, block_n = 16, 16
     elif head_dim <= 64:
-        block_m, block_n, warps, stages = 128, 64, 4, 3
+        block_m, block_n = 128, 64
     else:
-        block_m, block_n, warps, stages = 64, 64, 4, 3
+        block_m, block_n = 64, 64 if head_dim <= 128 else 32
     grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, heads)
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
@@ -708,7 +728,7 @@ def paged_prefill_attention(
         out.stride(0), out.stride(1),
         scale * _LOG2E, heads // kv_heads, head_dim,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(head_dim), IN_PREC=_in_prec(q.dtype),
-        num_warps=warps, num_stages=stages,
+        BLOCK_D=block_d, IN_PREC=_in_prec(q.dtype),
+        num_warps=4 if block_m <= 64 else 8, num_stages=_num_stages(block_n, block_d, q.dtype),
     )
     return out

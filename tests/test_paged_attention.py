@@ -150,15 +150,16 @@ def test_paged_attention_matches_reference_and_dense(dtype, heads, kv_heads):
 @pytest.mark.parametrize("dtype", INTERP_DTYPES)
 def test_paged_attention_split_context_merges_partitions(dtype):
     block_size, heads, kv_heads, head_dim = 8, 4, 2, 16
-    # 16-token partitions: 1, 2, 3 and 5 partitions; 16 and 33 sit on partition edges.
-    lens_list = [7, 16, 33, 70]
-    k_cache, v_cache = make_cache(24, block_size, kv_heads, head_dim, dtype)
-    tables = make_block_tables(lens_list, block_size, 24)
+    # 16-token partitions: 1, 1, 3 and 19 of them (more than one chunk of the merge);
+    # 16 and 33 sit on partition edges.
+    lens_list = [7, 16, 33, 300]
+    k_cache, v_cache = make_cache(48, block_size, kv_heads, head_dim, dtype)
+    tables = make_block_tables(lens_list, block_size, 48)
     lens = torch.tensor(lens_list, dtype=torch.int32, device=DEVICE)
     q = torch.randn(len(lens_list), heads, head_dim, device=DEVICE).to(dtype)
 
     split = paged_attention(q, k_cache, v_cache, tables, lens, partition_size=16)
-    whole = paged_attention(q, k_cache, v_cache, tables, lens, partition_size=128)
+    whole = paged_attention(q, k_cache, v_cache, tables, lens, partition_size=512)
     dense = dense_decode(q, k_cache, v_cache, tables, lens, head_dim**-0.5)
     assert_close(split, dense, dtype, what="split vs dense")
     assert_close(whole, dense, dtype, what="unsplit vs dense")
@@ -180,6 +181,20 @@ def test_paged_attention_never_reads_table_entries_past_the_context():
         assert torch.equal(clean, dirty)
     assert torch.equal(paged_attention_reference(q, k_cache, v_cache, garbage, lens),
                        paged_attention_reference(q, k_cache, v_cache, tables, lens))
+
+
+def test_paged_attention_gives_zeros_for_empty_padding_sequences():
+    k_cache, v_cache = make_cache(8, 4, 2, 16, torch.float32)
+    tables = make_block_tables([21, 0, 5], 4, 8)  # 28 tokens wide: two 16-token partitions
+    lens = torch.tensor([21, 0, 5], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(3, 4, 16, device=DEVICE)
+    dense = dense_decode(q[[0, 2]], k_cache, v_cache, tables[[0, 2]], lens[[0, 2]], 0.25)
+    outs = [paged_attention(q, k_cache, v_cache, tables, lens),
+            paged_attention(q, k_cache, v_cache, tables, lens, partition_size=16),
+            paged_attention_reference(q, k_cache, v_cache, tables, lens)]
+    for out in outs:
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert_close(out[[0, 2]], dense, torch.float32)
 
 
 def test_paged_attention_applies_softmax_scale():
