@@ -13,6 +13,7 @@ import os
 import torch
 
 from llm_engine.kernels import attention as _attention
+from llm_engine.kernels import cross_entropy as _cross_entropy
 from llm_engine.kernels import layer_norm as _layer_norm
 from llm_engine.kernels import paged_attention as _paged
 from llm_engine.kernels import sampling as _sampling
@@ -131,6 +132,21 @@ def sample(
     fn = _sampling.sample if _triton(logits) else _sampling.sample_reference
     return fn(logits, temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, step=step,
               return_logprobs=return_logprobs)
+
+
+def cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden (T, H) @ weight (V, H).T`` against ``targets (T,)``.
+
+    Chunked over tokens so the full ``(T, V)`` fp32 logits never exist at once.
+    """
+    fn = (_cross_entropy.fused_linear_cross_entropy if _triton(hidden)
+          else _cross_entropy.fused_linear_cross_entropy_reference)
+    return fn(hidden, weight, targets, ignore_index=ignore_index)
 
 
 def rope_cos_sin(
