@@ -104,7 +104,9 @@ def run_benchmarks(
     pending = list(names)
     try:
         report.ceilings = ceilings or measure_ceilings(device, quick=quick)
-        for name in tqdm(names, desc="bench", unit="suite", disable=not progress):
+        bar = tqdm(names, desc="bench", unit="suite", disable=not progress)
+        for name in bar:
+            bar.set_postfix_str(name)
             _run_suite(report, name, _budget_for(budget_s, name), profile)
             pending.remove(name)
             _write(report, [name], plotted)
