@@ -541,11 +541,14 @@ def _decode_block_n(head_dim: int) -> int:
 
 
 def _choose_partition(max_context: int, base_programs: int, block_n: int,
-                      device: torch.device) -> int:
-    """Tokens per partition: the whole context unless splitting fills an under-used device."""
+                      target_programs: int) -> int:
+    """Tokens per partition (a multiple of ``block_n``): the whole context when the
+    ``base_programs`` (sequences × KV heads) already reach ``target_programs``; else
+    enough partitions of at least ``_MIN_PARTITION`` tokens to reach it, at most
+    ``_MAX_PARTITIONS``."""
     whole = triton.cdiv(max_context, block_n) * block_n
-    splits = min(triton.cdiv(_programs_target(device), base_programs),
-                 triton.cdiv(max_context, _MIN_PARTITION))
+    splits = min(triton.cdiv(target_programs, base_programs),
+                 max_context // _MIN_PARTITION)
     if splits <= 1:
         return whole
     size = triton.cdiv(triton.cdiv(max_context, splits), block_n) * block_n
@@ -606,8 +609,9 @@ def paged_attention(
             a sequence of length 0 (batch padding) gets a zero output.
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
         partition_size: tokens per flash-decoding partition, a positive multiple of 16;
-            ``None`` picks it from the batch size and ``max_blocks * block_size`` so the
-            grid fills the device.
+            ``None`` picks it from ``num_seqs * kv_heads`` and the widest possible context,
+            ``max_blocks * block_size`` (known on the host, so no sync), splitting only
+            when the unsplit grid would leave the device under-used.
 
     Returns:
         ``(num_seqs, heads, head_dim)`` in q's dtype.
@@ -626,7 +630,8 @@ def paged_attention(
     max_context = block_tables.shape[1] * block_size
     block_n = _decode_block_n(head_dim)
     if partition_size is None:
-        partition_size = _choose_partition(max_context, num_seqs * kv_heads, block_n, q.device)
+        partition_size = _choose_partition(max_context, num_seqs * kv_heads, block_n,
+                                           _programs_target(q.device))
     elif (not isinstance(partition_size, int) or isinstance(partition_size, bool)
           or partition_size <= 0 or partition_size % 16):
         raise ValueError(

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from llm_engine.kernels.paged_attention import (
+    _choose_partition,
     paged_attention,
     paged_attention_reference,
     paged_prefill_attention,
@@ -163,6 +164,17 @@ def test_paged_attention_split_context_merges_partitions(dtype):
     dense = dense_decode(q, k_cache, v_cache, tables, lens, head_dim**-0.5)
     assert_close(split, dense, dtype, what="split vs dense")
     assert_close(whole, dense, dtype, what="unsplit vs dense")
+
+
+@pytest.mark.parametrize("max_context,base_programs,expected", [
+    (32768, 8, 512),  # one sequence, 8 KV heads: 64 partitions fill 132 SMs x 4
+    (32768, 128, 6592),  # 16 sequences: 5 partitions
+    (32768, 1024, 32768),  # 128 sequences already fill the device: no split
+    (300, 8, 320),  # no partition shorter than 256 tokens: no split
+    (1 << 20, 1, 4096),  # at most 256 partitions
+])
+def test_partition_choice_splits_only_an_under_filled_grid(max_context, base_programs, expected):
+    assert _choose_partition(max_context, base_programs, 64, 528) == expected
 
 
 def test_paged_attention_never_reads_table_entries_past_the_context():
