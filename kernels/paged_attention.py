@@ -37,7 +37,7 @@ from ._utils import (
     interpreting,
 )
 
-INDEX_DTYPES = (torch.int32, torch.int64)
+_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 # ---------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def _check_store(k, v, k_cache, v_cache, slot_mapping) -> tuple[int, int, int, i
     num_blocks, block_size, kv_heads, head_dim = _check_cache(k_cache, v_cache)
     check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3)
     check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=3)
-    check_tensor("slot_mapping", slot_mapping, dtypes=INDEX_DTYPES, ndim=1)
+    check_tensor("slot_mapping", slot_mapping, dtypes=_INDEX_DTYPES, ndim=1)
     expected = (k.shape[0], kv_heads, head_dim)
     if tuple(k.shape) != expected:
         raise ValueError(
@@ -99,6 +99,7 @@ def _check_store(k, v, k_cache, v_cache, slot_mapping) -> tuple[int, int, int, i
         )
     check_last_dim_contiguous("k", k)
     check_last_dim_contiguous("v", v)
+    check_last_dim_contiguous("slot_mapping", slot_mapping)
     _check_same_device(k_cache=k_cache, k=k, v=v, slot_mapping=slot_mapping)
     return num_blocks, block_size, kv_heads, head_dim
 
@@ -131,6 +132,8 @@ def _check_attention_common(q, k_cache, v_cache, block_tables, context_lens, num
         raise ValueError(
             f"context_lens must have shape (num_seqs={num_seqs},), got {tuple(context_lens.shape)}"
         )
+    check_last_dim_contiguous("block_tables", block_tables)
+    check_last_dim_contiguous("context_lens", context_lens)
     _check_same_device(q=q, k_cache=k_cache, block_tables=block_tables, context_lens=context_lens)
     return num_blocks, block_size, kv_heads, head_dim
 
@@ -149,6 +152,7 @@ def _check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens
             f"cu_seqlens_q must have shape (num_seqs + 1,) with num_seqs >= 1, "
             f"got {tuple(cu_seqlens_q.shape)}"
         )
+    check_last_dim_contiguous("cu_seqlens_q", cu_seqlens_q)
     num_seqs = cu_seqlens_q.shape[0] - 1
     dims = _check_attention_common(
         q, k_cache, v_cache, block_tables, context_lens, num_seqs, "total_q"

@@ -292,6 +292,25 @@ def test_chunked_prefill_through_the_cache_equals_one_causal_pass(dtype):
     assert_close(torch.cat(outs), expected, dtype)
 
 
+@pytest.mark.parametrize("dtype", INTERP_DTYPES)
+def test_kernels_accept_strided_views_of_a_fused_qkv_projection(dtype):
+    """q, k, v as the model makes them: views into one (tokens, heads + 2 kv_heads, d) tensor."""
+    block_size, heads, kv_heads, head_dim, n = 4, 4, 2, 16, 6
+    qkv = torch.randn(n, heads + 2 * kv_heads, head_dim, device=DEVICE).to(dtype)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
+    k_cache, v_cache = make_cache(4, block_size, kv_heads, head_dim, dtype)
+    tables = make_block_tables([n], block_size, 4)
+    pos = torch.arange(n, device=DEVICE)
+    slots = tables[0].long()[pos // block_size] * block_size + pos % block_size
+    store_kv_cache(k, v, k_cache, v_cache, slots)
+    cu = torch.tensor([0, n], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([n], dtype=torch.int32, device=DEVICE)
+    expected = dense_attention(q, k, v, pos, head_dim**-0.5)
+    assert_close(paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, n), expected,
+                 dtype)
+    assert_close(paged_attention(q[-1:], k_cache, v_cache, tables, lens), expected[-1:], dtype)
+
+
 # ---------------------------------------------------------------------------
 # Input validation
 # ---------------------------------------------------------------------------
@@ -318,6 +337,8 @@ def _decode_args():
     ("block_tables", lambda a: a["block_tables"][:1]),
     ("context_lens", lambda a: a["context_lens"][:1]),
     ("context_lens", lambda a: a["context_lens"].float()),
+    ("context_lens", lambda a: a["context_lens"].repeat(2)[::2]),  # strided
+    ("block_tables", lambda a: a["block_tables"].t().contiguous().t()),  # column-major
 ])
 def test_paged_attention_rejects_bad_inputs_naming_the_argument(fn, name, bad):
     args = _decode_args()
@@ -337,6 +358,7 @@ def test_paged_attention_rejects_bad_partition_size():
     ("v", lambda a: a["v"][:2]),
     ("slot_mapping", lambda a: a["slot_mapping"][:2]),
     ("slot_mapping", lambda a: a["slot_mapping"].float()),
+    ("slot_mapping", lambda a: a["slot_mapping"].repeat(2)[::2]),
     ("k", lambda a: a["k"].half()),
 ])
 def test_store_kv_cache_rejects_bad_inputs_naming_the_argument(fn, name, bad):
