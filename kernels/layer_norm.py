@@ -28,13 +28,16 @@ import triton.language as tl
 
 from ._utils import FLOAT_DTYPES, check_tensor, check_triton_device, interpreting
 
-# Widest row (in elements) normalised in one block; wider rows loop over chunks.
-_MAX_BLOCK_N = 1024 if interpreting() else 16384
-# A forward tile holds about this many elements when rows are narrow.
+# Widest row (in elements) normalised in one block; wider rows loop over chunks. The
+# backward keeps more fp32 arrays per element live, so its block is narrower.
+_MAX_FWD_BLOCK_N = 1024 if interpreting() else 16384
+_MAX_BWD_BLOCK_N = 1024 if interpreting() else 8192
+# A tile holds about this many elements when rows are narrow (several rows per tile).
 _TILE_ELEMENTS = 4096
 _MAX_ROWS = 128
-# Backward programs per SM on CUDA; the interpreter runs a handful.
-_BWD_PROGRAMS_PER_SM = 4
+# Backward programs: about this many tile elements per SM on CUDA, 1 to 8 programs
+# per SM; the interpreter runs a handful.
+_BWD_ELEMENTS_PER_SM = 16384
 _INTERPRETER_BWD_PROGRAMS = 4
 
 
@@ -266,13 +269,21 @@ def _norm_bwd_kernel(
             tl.debug_barrier()
 
 
+def _sum_configs() -> list[triton.Config]:
+    if interpreting():
+        return [triton.Config({"BLOCK_G": 64, "BLOCK_COLS": 32}, num_warps=1)]
+    shapes = ((32, 128, 4), (64, 64, 4), (128, 32, 4), (128, 16, 4), (256, 16, 8), (64, 32, 2))
+    return [triton.Config({"BLOCK_G": g, "BLOCK_COLS": c}, num_warps=w) for g, c, w in shapes]
+
+
+@triton.autotune(configs=_sum_configs(), key=["G", "N"])
 @triton.jit
-def _sum_partials_kernel(P, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sum_partials_kernel(P, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """OUT[n] = sum over g of P[g, n], in a fixed order."""
     pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     col_mask = cols < N
-    acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_COLS], dtype=tl.float32)
     for g0 in range(0, G, BLOCK_G):
         g = g0 + tl.arange(0, BLOCK_G)
         mask = (g < G)[:, None] & col_mask[None, :]
@@ -280,8 +291,8 @@ def _sum_partials_kernel(P, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.conste
     tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
 
 
-def _block_n(n: int) -> int:
-    return min(triton.next_power_of_2(n), _MAX_BLOCK_N)
+def _block_n(n: int, max_block_n: int) -> int:
+    return min(triton.next_power_of_2(n), max_block_n)
 
 
 def _rows_per_tile(block_n: int) -> int:
@@ -293,10 +304,10 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _num_bwd_programs(device: torch.device) -> int:
+def _num_bwd_programs(device: torch.device, tile: int) -> int:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return _BWD_PROGRAMS_PER_SM * _sm_count(index)
+        return max(1, min(8, _BWD_ELEMENTS_PER_SM // tile)) * _sm_count(index)
     return _INTERPRETER_BWD_PROGRAMS
 
 
@@ -319,7 +330,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device) if not is_rms else None
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows > 0:
-        block_n = _block_n(n)
+        block_n = _block_n(n, _MAX_FWD_BLOCK_N)
         one_pass = n <= block_n
         rows = _rows_per_tile(block_n) if one_pass else 1
         _norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
@@ -346,12 +357,13 @@ def _backward(dy: torch.Tensor, dh: torch.Tensor | None, saved: torch.Tensor,
         if dbias is not None:
             dbias.zero_()
         return dx, dweight, dbias
-    block_n = _block_n(n)
+    block_n = _block_n(n, _MAX_BWD_BLOCK_N)
     one_pass = n <= block_n
-    programs = min(n_rows, _num_bwd_programs(device))
+    rows = _rows_per_tile(block_n) if one_pass else 1
+    programs = min(n_rows, _num_bwd_programs(device, rows * block_n))
     rows_per_program = triton.cdiv(n_rows, programs)
     programs = triton.cdiv(n_rows, rows_per_program)
-    rows = min(_rows_per_tile(block_n), triton.next_power_of_2(rows_per_program)) if one_pass else 1
+    rows = min(rows, triton.next_power_of_2(rows_per_program))
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=device)
     db_partial = torch.empty((programs, n), dtype=torch.float32, device=device) if has_bias else None
     _norm_bwd_kernel[(programs,)](
@@ -360,12 +372,10 @@ def _backward(dy: torch.Tensor, dh: torch.Tensor | None, saved: torch.Tensor,
         IS_RMS=is_rms, HAS_BIAS=has_bias, HAS_DH=dh is not None,
         ONE_PASS=one_pass, ROWS=rows, BLOCK_N=block_n,
     )
-    block_cols = min(triton.next_power_of_2(n), 64)
-    block_g = min(triton.next_power_of_2(programs), 64)
     for partial, out in ((dw_partial, dweight), (db_partial, dbias)):
         if partial is not None:
-            _sum_partials_kernel[(triton.cdiv(n, block_cols),)](
-                partial, out, programs, n, BLOCK_G=block_g, BLOCK_N=block_cols,
+            _sum_partials_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_COLS"]),)](
+                partial, out, programs, n,
             )
     return dx, dweight, dbias
 

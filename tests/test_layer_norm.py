@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from llm_engine.kernels.layer_norm import (
-    _MAX_BLOCK_N,
+    _MAX_BWD_BLOCK_N,
+    _MAX_FWD_BLOCK_N,
     layer_norm,
     layer_norm_reference,
     rms_norm,
@@ -19,7 +20,7 @@ from llm_engine.kernels.layer_norm import (
 from testing_utils import GRAD_REL_TOL, REL_TOL, assert_close, interpreter_or_cuda
 
 DEVICE = interpreter_or_cuda()
-WIDE = _MAX_BLOCK_N + 37  # wider than one block: the kernels loop over the row
+WIDE = max(_MAX_FWD_BLOCK_N, _MAX_BWD_BLOCK_N) + 37  # wider than one block: loop over the row
 
 # (rows, hidden): 257 rows only with narrow rows, the interpreter is slow on big tiles.
 SHAPES = [
