@@ -181,11 +181,19 @@ def test_plot_panels_split_by_later_factor_when_product_sizes_repeat():
             for r, h in ((4096, 4096), (16384, 1024), (8192, 1024))]
     panels = plots._suite_panels(rows, spec)
     assert sorted(p["title"] for p in panels.values()) == ["fwd, hidden=1024", "fwd, hidden=4096"]
+
+
+def test_plot_panel_ignores_other_words_that_spell_the_x_value():
     attention = [Row("attention", f"fwd causal d=64 T={t}", OURS, "TFLOP/s", 1.0,
-                     params={"seqlen": t}) for t in (512, 1024)]
+                     params={"seqlen": t}) for t in (64, 512, 1024)]
     (panel,) = plots._suite_panels(attention, plots.PLOT_SPECS["attention"]).values()
     assert panel["title"] == "fwd causal d=64"
-    assert panel["series"][OURS] == [(512.0, 1.0), (1024.0, 1.0)]
+    assert panel["series"][OURS] == [(64.0, 1.0), (512.0, 1.0), (1024.0, 1.0)]
+    generate = [Row("generate", f"decode smollm2 batch={b}", OURS, "tok/s", 1.0,
+                    params={"batch": b}) for b in (1, 2, 4)]
+    (panel,) = plots._suite_panels(generate, plots.PLOT_SPECS["generate"]).values()
+    assert panel["title"] == "decode smollm2"
+    assert len(panel["series"][OURS]) == 3
 
 
 def _cli(argv: list[str]) -> int:

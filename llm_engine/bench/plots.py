@@ -9,9 +9,11 @@ every other parameter and the rest of their case name share a panel.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +35,8 @@ PLOT_SPECS: dict[str, PlotSpec] = {
                           (("seqlen",), ("seqlen_q",), ("seq_len",))),
     "layer_norm": PlotSpec("LayerNorm / RMSNorm", "size: rows × hidden (elements)",
                            (("rows", "hidden"), ("numel",))),
-    "sampling": PlotSpec("Softmax sampling", "logits: batch × vocab (elements)",
-                         (("batch", "vocab"), ("numel",))),
+    "sampling": PlotSpec("Softmax sampling", "vocabulary size (logits per row)",
+                         (("vocab",), ("vocab_size",))),
     "paged_attention": PlotSpec("Paged decode attention", "context length (tokens)",
                                 (("context",), ("context_len",), ("seqlen",))),
     "generate": PlotSpec("Generation", "batch size (sequences)", (("batch",), ("batch_size",))),
@@ -67,28 +69,44 @@ def _x_of(params: dict, spec: PlotSpec) -> tuple[float, tuple[str, ...]] | None:
     return None
 
 
-def _strip_numbers(case: str, numbers: list[float]) -> str:
-    """The case name without the words that spell the x axis' values (``T=4096``,
-    ``4096x1024``, ``128k``), so cases that differ only in size share a panel."""
-    spellings = []
+_SLOT = "\x00"
+
+
+def _templates(case: str, numbers: list[float]) -> list[str]:
+    """The case name with each x value's spelling (``T=4096``, ``4096x1024``,
+    ``v128k``) replaced by a slot: one candidate per way to place the slots,
+    since a value can appear more than once (``fwd d=64 T=64``, ``smollm2 batch=2``)."""
+    placements = []
     for n in numbers:
-        if n == int(n):
-            n = int(n)
-            spellings.append(str(n))
-            if n % 1024 == 0:
-                spellings += [f"{n // 1024}k", f"{n // 1024}K"]
-        else:
-            spellings.append(f"{n:g}")
-    pattern = re.compile(r"(?<![\d.])(" + "|".join(map(re.escape, spellings)) + r")(?![\d.])")
-    words = [w for w in case.split() if not pattern.search(w)]
-    return " ".join(words).strip(" ,;")
+        spellings = [f"{n:g}"]
+        if n == int(n) and int(n) % 1024 == 0:
+            spellings += [f"{int(n) // 1024}k", f"{int(n) // 1024}K"]
+        pattern = rf"(?<![\d.])({'|'.join(map(re.escape, spellings))})(?![\d.])"
+        placements.append([m.span() for m in re.finditer(pattern, case)] or [None])
+    out = []
+    for choice in itertools.product(*placements):
+        spans = sorted(span for span in choice if span is not None)
+        if any(prev[1] > nxt[0] for prev, nxt in zip(spans, spans[1:], strict=False)):
+            continue
+        text = case
+        for start, end in reversed(spans):
+            text = text[:start] + _SLOT + text[end:]
+        out.append(text)
+    return out or [case]
+
+
+def _title(template: str) -> str:
+    """A panel title: the template without the words holding a slot."""
+    return " ".join(w for w in template.split() if _SLOT not in w).strip(" ,;")
 
 
 def _panels(rows: list[Row], spec: PlotSpec, split: frozenset[str] = frozenset()
             ) -> dict[tuple, dict]:
     """panel key → {"title", "metric", "series": impl → [(x, value)]}; the x
-    params named in ``split`` also tell panels apart."""
-    panels: dict[tuple, dict] = {}
+    params named in ``split`` also tell panels apart. Rows whose case names
+    differ only in the x value share a panel: of a row's candidate templates,
+    the one most rows share wins (the last placement on a tie)."""
+    points = []
     for row in rows:
         if row.value is None or not math.isfinite(row.value):
             continue
@@ -98,12 +116,17 @@ def _panels(rows: list[Row], spec: PlotSpec, split: frozenset[str] = frozenset()
         x, keys = found
         axis = tuple(k for k in keys if k not in split)
         others = tuple(sorted((k, str(v)) for k, v in row.params.items() if k not in axis))
-        label = _strip_numbers(row.case, [float(row.params[k]) for k in keys])
-        key = (row.metric, label, others)
+        candidates = _templates(row.case, [float(row.params[k]) for k in keys])
+        points.append((row, x, (row.metric, others), candidates))
+    shared = Counter((group, t) for _, _, group, cands in points for t in set(cands))
+    panels: dict[tuple, dict] = {}
+    for row, x, (metric, others), candidates in points:
+        template = max(reversed(candidates), key=lambda t: shared[(metric, others), t])
+        label = _title(template)
         extra = [f"{k}={v}" for k, v in others if k in split]
         title = ", ".join([label, *extra]) if label else ", ".join(f"{k}={v}" for k, v in others)
-        panel = panels.setdefault(key, {"title": title or spec.title, "metric": row.metric,
-                                        "series": {}})
+        panel = panels.setdefault((metric, template, others),
+                                  {"title": title or spec.title, "metric": metric, "series": {}})
         panel["series"].setdefault(row.impl, []).append((x, row.value))
     return panels
 
