@@ -1,0 +1,547 @@
+"""Fused softmax-sampling: temperature, top-k, top-p and min-p without sorting.
+
+``sample`` turns a batch of logits into one token per row in a few streaming
+passes over the vocabulary, one program per row (or per tile of rows when the
+vocabulary is small):
+
+1. max, sum of exponentials (online softmax), argmax and a NaN check;
+2. the top-k / top-p cut-off found by a bracketed multi-pivot search: every pass
+   counts the tokens and sums the probability mass at or above ``PIVOTS`` pivot
+   values at once and keeps the sub-interval where the cut-off lies. Pivots are
+   spread both in value (fast on real logits) and in the bit pattern of the
+   float (an exact answer after a bounded number of passes), and each pass
+   also shrinks the interval to the data it holds, so the search stops as soon
+   as the interval holds a single distinct value. Ties at the cut-off are
+   resolved by token id: a tie quota says how many of the tied tokens (lowest
+   ids first) survive;
+3. sampling by inverse CDF inside each block of the vocabulary, combined across
+   blocks by weighted reservoir sampling, with min-p applied on the fly; the
+   random numbers come from Philox keyed by (seed, step, stream, block).
+
+Filter semantics (shared with the references below): scale logits by
+``1/temperature``; top-k keeps the ``k`` largest (ties toward lower token ids,
+so exactly ``k`` survive); top-p keeps the smallest set of most likely top-k
+survivors whose renormalised probability reaches ``p`` (same tie order); min-p
+keeps survivors whose probability is at least ``min_p`` times the largest;
+the token is drawn from the renormalised survivors. ``temperature == 0`` is
+greedy (the lowest id among the largest logits).
+
+Random numbers: with a scalar (or drawn) seed, row ``r`` uses the stream
+``(seed, step, r)``; with a ``(batch,)`` seed tensor, a row uses
+``(seed[r], step[r])`` alone, so a request gets the same tokens wherever it
+sits in the batch. The kernel's block size depends only on the vocabulary size
+and the device kind, never on the batch, so the same inputs give the same
+tokens on the same device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    FLOAT_DTYPES,
+    check_last_dim_contiguous,
+    check_tensor,
+    check_triton_device,
+    interpreting,
+)
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_INT32_MAX = 2**31 - 1
+_SEED_MAX = 2**63 - 1
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _float_key(y):
+    """Order-preserving map of float32 to int32 (-0.0 and +0.0 share key 0)."""
+    b = y.to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, (b ^ 0x7FFFFFFF) + 1)
+
+
+@triton.jit
+def _key_float(k):
+    """Inverse of ``_float_key``."""
+    b = tl.where(k >= 0, k, (k - 1) ^ 0x7FFFFFFF)
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_scaled(row_base, row_ok, cols, vocab, scale):
+    """Raw logits ``x`` (fp32, -inf outside the row) and ``y = x * scale``."""
+    mask = row_ok[:, None] & (cols < vocab)[None, :]
+    x = tl.load(row_base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+    return x, x * scale[:, None]
+
+
+@triton.jit
+def _search(row_base, row_ok, vocab, scale, m, y_floor, lo, hi, cnt_lo, cnt_hi, mass_hi,
+            k_lim, p_mass, ROWS: tl.constexpr, BLOCK: tl.constexpr, PIVOTS: tl.constexpr,
+            MAX_PASSES: tl.constexpr):
+    """Largest data key ``t`` with ``count(key >= t) >= k_lim or mass(key >= t) >= p_mass``.
+
+    Invariant: the predicate holds at ``lo`` and fails at ``hi``; ``cnt_lo`` is
+    the count at ``lo``, ``cnt_hi``/``mass_hi`` count and mass at ``hi``. Rows
+    with ``hi - lo <= 1`` are settled. Returns the updated
+    ``(lo, cnt_lo, cnt_hi, mass_hi)``; then ``t = lo``.
+    """
+    HALF: tl.constexpr = PIVOTS // 2
+    j = tl.arange(0, PIVOTS)
+    by_value = j < HALF
+    frac = tl.where(by_value, j + 1, j - HALF + 1).to(tl.float32) / (HALF + 1)
+    cols0 = tl.arange(0, BLOCK)
+    passes = 0
+    while (tl.max(hi.to(tl.int64) - lo) > 1) & (passes < MAX_PASSES):
+        lo64 = lo.to(tl.int64)
+        span = hi.to(tl.int64) - lo64
+        piv_bits = lo64[:, None] + (span[:, None] * (j + 1 - HALF)[None, :]) // (HALF + 1)
+        lo_v = tl.maximum(_key_float(lo), y_floor)
+        hi_v = _key_float(hi - 1)
+        piv_val = _float_key(lo_v[:, None] + (hi_v - lo_v)[:, None] * frac[None, :])
+        piv = tl.where(by_value[None, :], piv_val.to(tl.int64), piv_bits)
+        piv = tl.minimum(tl.maximum(piv, lo64[:, None] + 1), hi.to(tl.int64)[:, None] - 1)
+        piv = piv.to(tl.int32)
+        cnt = tl.zeros([ROWS, PIVOTS], dtype=tl.int32)
+        mass = tl.zeros([ROWS, PIVOTS], dtype=tl.float32)
+        kmin = tl.full([ROWS], _INT32_MAX, dtype=tl.int32)
+        kmax = tl.full([ROWS], -_INT32_MAX, dtype=tl.int32)
+        for start in range(0, vocab, BLOCK):
+            cols = start + cols0
+            x, y = _load_scaled(row_base, row_ok, cols, vocab, scale)
+            key = _float_key(y)
+            w = tl.exp2(y - m[:, None])
+            ge = key[:, :, None] >= piv[:, None, :]
+            cnt += tl.sum(ge.to(tl.int32), axis=1)
+            mass += tl.sum(tl.where(ge, w[:, :, None], 0.0), axis=1)
+            inside = (key >= lo[:, None]) & (key < hi[:, None]) & (cols < vocab)[None, :]
+            kmin = tl.minimum(kmin, tl.min(tl.where(inside, key, _INT32_MAX), axis=1))
+            kmax = tl.maximum(kmax, tl.max(tl.where(inside, key, -_INT32_MAX), axis=1))
+        enough = (cnt >= k_lim[:, None]) | (mass >= p_mass[:, None])
+        new_lo = tl.maximum(tl.max(tl.where(enough, piv, lo[:, None]), axis=1), lo)
+        new_hi = tl.minimum(tl.min(tl.where(enough, hi[:, None], piv), axis=1), hi)
+        at_lo = piv == new_lo[:, None]
+        at_hi = piv == new_hi[:, None]
+        cnt_lo = tl.where(new_lo == lo, cnt_lo, tl.max(tl.where(at_lo, cnt, 0), axis=1))
+        cnt_hi = tl.where(new_hi == hi, cnt_hi, tl.max(tl.where(at_hi, cnt, 0), axis=1))
+        mass_hi = tl.where(new_hi == hi, mass_hi, tl.max(tl.where(at_hi, mass, 0.0), axis=1))
+        # No data lies in [lo, kmin) or (kmax, hi): shrink to the data without changing counts.
+        settled = hi.to(tl.int64) - lo <= 1
+        lo = tl.where(settled, lo, tl.maximum(new_lo, kmin))
+        hi = tl.where(settled, hi, tl.minimum(new_hi.to(tl.int64), kmax.to(tl.int64) + 1).to(tl.int32))
+        passes += 1
+    return lo, cnt_lo, cnt_hi, mass_hi
+
+
+@triton.jit
+def _uniform(r):
+    """uint32 -> float32 uniform in [0, 1) with 24 random bits."""
+    return (r >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _sampling_kernel(
+    logits_ptr, stride_row, batch, vocab,
+    temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
+    tokens_ptr, logprobs_ptr, status_ptr,
+    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
+    SEED_PER_ROW: tl.constexpr, WANT_LOGPROBS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, PIVOTS: tl.constexpr, MAX_PASSES: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < batch
+    cols0 = tl.arange(0, BLOCK)
+    row_base = logits_ptr + rows.to(tl.int64)[:, None] * stride_row
+    temp = tl.load(temp_ptr + rows, mask=row_ok, other=1.0)
+    greedy = temp == 0.0
+    scale = tl.where(greedy, 1.0, 1.0 / temp) * 1.4426950408889634  # work in log2 units
+
+    # Pass 1: max, sum of exp2 (online), raw argmax, smallest finite value, NaN check.
+    m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    z = tl.zeros([ROWS], dtype=tl.float32)
+    y_floor = tl.full([ROWS], float("inf"), dtype=tl.float32)
+    best = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    best_idx = tl.zeros([ROWS], dtype=tl.int32)
+    bad = tl.zeros([ROWS], dtype=tl.int32)
+    m_raw = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    z_raw = tl.zeros([ROWS], dtype=tl.float32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + cols0
+        x, y = _load_scaled(row_base, row_ok, cols, vocab, scale)
+        bad = tl.maximum(bad, tl.max((x != x).to(tl.int32), axis=1))
+        bx, bi = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        better = bx > best
+        best = tl.where(better, bx, best)
+        best_idx = tl.where(better, start + bi, best_idx)
+        y_floor = tl.minimum(y_floor, tl.min(tl.where(y > float("-inf"), y, float("inf")), axis=1))
+        new_m = tl.maximum(m, tl.max(y, axis=1))
+        ref = tl.where(new_m == float("-inf"), 0.0, new_m)
+        z = z * tl.exp2(m - ref) + tl.sum(tl.exp2(y - ref[:, None]), axis=1)
+        m = new_m
+        if WANT_LOGPROBS:
+            yr = x * 1.4426950408889634
+            new_mr = tl.maximum(m_raw, tl.max(yr, axis=1))
+            ref_r = tl.where(new_mr == float("-inf"), 0.0, new_mr)
+            z_raw = z_raw * tl.exp2(m_raw - ref_r) + tl.sum(tl.exp2(yr - ref_r[:, None]), axis=1)
+            m_raw = new_mr
+    bad = tl.where(m == float("-inf"), 2, bad)
+    tl.store(status_ptr + rows, bad, mask=row_ok)
+    sampling = row_ok & ~greedy & (bad == 0)
+    m = tl.where(bad == 0, m, 0.0)  # keeps padding rows of a tile free of inf - inf
+
+    # Pass 2: the cut-off key ``t_key`` and how many tokens tied at it survive.
+    key_m = _float_key(m)
+    t_key = tl.full([ROWS], -_INT32_MAX - 1, dtype=tl.int32)  # below every key: keep all
+    quota = tl.zeros([ROWS], dtype=tl.int32)
+    no_p = tl.full([ROWS], float("inf"), dtype=tl.float32)
+    total = z
+    k_lim = tl.full([ROWS], _INT32_MAX, dtype=tl.int32)
+    lo = _float_key(tl.full([ROWS], float("-inf"), dtype=tl.float32))
+    cnt_lo = tl.full([ROWS], vocab, dtype=tl.int32)
+    if HAS_TOP_K:
+        k = tl.load(top_k_ptr + rows, mask=row_ok, other=0)
+        on_k = sampling & (k > 0) & (k < vocab)
+        k_lim = tl.where(on_k, k, _INT32_MAX)
+        hi = tl.where(on_k, key_m + 1, lo + 1)
+        lo, cnt_lo, cnt_hi, mass_hi = _search(
+            row_base, row_ok, vocab, scale, m, y_floor, lo, hi, cnt_lo,
+            tl.zeros([ROWS], dtype=tl.int32), tl.zeros([ROWS], dtype=tl.float32),
+            k_lim, no_p, ROWS, BLOCK, PIVOTS, MAX_PASSES)
+        w_t = tl.exp2(_key_float(lo) - m)
+        quota_k = k_lim - cnt_hi
+        total = tl.where(on_k, mass_hi + quota_k.to(tl.float32) * w_t, z)
+        t_key = tl.where(on_k, lo, t_key)
+        quota = tl.where(on_k, quota_k, quota)
+    if HAS_TOP_P:
+        p = tl.load(top_p_ptr + rows, mask=row_ok, other=1.0)
+        on_p = sampling & (p < 1.0)
+        p_mass = tl.where(on_p, p * total, no_p)
+        hi = tl.where(on_p, key_m + 1, lo + 1)
+        lo, cnt_lo, cnt_hi, mass_hi = _search(
+            row_base, row_ok, vocab, scale, m, y_floor, lo, hi, cnt_lo,
+            tl.zeros([ROWS], dtype=tl.int32), tl.zeros([ROWS], dtype=tl.float32),
+            k_lim, p_mass, ROWS, BLOCK, PIVOTS, MAX_PASSES)
+        w_t = tl.exp2(_key_float(lo) - m)
+        ties = (cnt_lo - cnt_hi).to(tl.float32)
+        need = tl.minimum(tl.maximum(tl.ceil((p_mass - mass_hi) / w_t), 1.0), ties)
+        quota_p = tl.minimum(need.to(tl.int32), k_lim - cnt_hi)
+        t_key = tl.where(on_p, lo, t_key)
+        quota = tl.where(on_p, quota_p, quota)
+
+    # Pass 3: inverse CDF inside each block, reservoir sampling across blocks.
+    if HAS_MIN_P:
+        min_p = tl.load(min_p_ptr + rows, mask=row_ok, other=0.0)
+    seed = tl.load(seed_ptr + rows, mask=row_ok, other=0)
+    step = tl.load(step_ptr + rows, mask=row_ok, other=0)
+    step_lo = (step & 0xFFFFFFFF).to(tl.uint32)
+    step_hi = ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    stream = (rows * (1 - SEED_PER_ROW)).to(tl.uint32)  # per-row seeds: one stream per seed
+    pick = tl.full([ROWS], -1, dtype=tl.int32)
+    seen = tl.zeros([ROWS], dtype=tl.float32)
+    tie_seen = tl.zeros([ROWS], dtype=tl.int32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + cols0
+        x, y = _load_scaled(row_base, row_ok, cols, vocab, scale)
+        key = _float_key(y)
+        w = tl.exp2(y - m[:, None])
+        tie = (key == t_key[:, None]).to(tl.int32)
+        tie_rank = tie_seen[:, None] + tl.cumsum(tie, axis=1) - tie
+        tie_seen += tl.sum(tie, axis=1)
+        kept = (key > t_key[:, None]) | ((tie == 1) & (tie_rank < quota[:, None]))
+        kept = kept & (w > 0.0)
+        if HAS_MIN_P:
+            kept = kept & (w >= min_p[:, None])
+        wk = tl.where(kept, w, 0.0)
+        block_mass = tl.sum(wk, axis=1)
+        cdf = tl.cumsum(wk, axis=1)
+        block_id = (rows * 0 + start // BLOCK).to(tl.uint32)
+        r0, r1, _, _ = tl.philox(seed, block_id, step_lo, step_hi, stream)
+        target = _uniform(r0) * block_mass
+        idx = tl.min(tl.where(cdf > target[:, None], cols0[None, :], BLOCK), axis=1)
+        last = tl.max(tl.where(kept, cols0[None, :], -1), axis=1)
+        idx = tl.where(idx == BLOCK, last, idx)
+        earlier = seen
+        seen += block_mass
+        take = (block_mass > 0.0) & ((earlier == 0.0) | (_uniform(r1) * seen < block_mass))
+        pick = tl.where(take, start + idx, pick)
+    token = tl.where(sampling & (pick >= 0), pick, best_idx)
+    tl.store(tokens_ptr + rows, token.to(tl.int64), mask=row_ok)
+    if WANT_LOGPROBS:
+        x_tok = tl.load(row_base + token[:, None], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        lse = m_raw + tl.log2(z_raw)
+        logprob = (tl.sum(x_tok, axis=1) * 1.4426950408889634 - lse) * 0.6931471805599453
+        tl.store(logprobs_ptr + rows, logprob, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------
+# Input validation (shared by the kernel launcher and the references)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Params:
+    """Per-row parameters as ``(batch,)`` tensors on the logits' device."""
+
+    temperature: torch.Tensor  # fp32
+    top_k: torch.Tensor  # int32, 0 = off
+    top_p: torch.Tensor  # fp32, 1 = off
+    min_p: torch.Tensor  # fp32, 0 = off
+    seed: torch.Tensor  # int64
+    step: torch.Tensor  # int64
+    has_top_k: bool
+    has_top_p: bool
+    has_min_p: bool
+    seed_per_row: bool
+
+
+# Per parameter: the rule a value must satisfy, as a message and a predicate on
+# a tensor (True where the value is valid); the predicate also serves scalars.
+_RULES = {
+    "temperature": ("must be >= 0 (0 = greedy)", lambda v: v >= 0),
+    "top_k": ("must be >= 0 (0 = off)", lambda v: v >= 0),
+    "top_p": ("must be in (0, 1] (1 = off)", lambda v: (v > 0) & (v <= 1)),
+    "min_p": ("must be in [0, 1] (0 = off)", lambda v: (v >= 0) & (v <= 1)),
+    "seed": ("must be >= 0", lambda v: v >= 0),
+    "step": ("must be >= 0", lambda v: v >= 0),
+}
+
+
+def _row_param(name: str, value: object, default: float, batch: int, device: torch.device,
+               integer: bool) -> tuple[torch.Tensor, float | None]:
+    """``value`` (scalar or ``(batch,)`` tensor) as a ``(batch,)`` tensor, plus the scalar.
+
+    The second item is the Python value for a scalar (checked here, no device
+    sync) and ``None`` for a tensor (checked by the caller, all at once).
+    """
+    dtype = torch.int64 if integer else torch.float32
+    if value is None:
+        value = default
+    if isinstance(value, torch.Tensor):
+        if value.shape != (batch,):
+            raise ValueError(f"{name} must be a scalar or a (batch,) = ({batch},) tensor, "
+                             f"got shape {tuple(value.shape)}")
+        bad_dtype = value.dtype == torch.bool or value.dtype.is_complex
+        if bad_dtype or (integer and value.dtype.is_floating_point):
+            kind = "an integer" if integer else "a real"
+            raise ValueError(f"{name} must have {kind} dtype, got {value.dtype}")
+        return value.to(device=device, dtype=dtype), None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a (batch,) tensor, got {type(value).__name__}")
+    if integer and not float(value).is_integer():
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    message, ok = _RULES[name]
+    if not ok(torch.tensor(float(value))):
+        raise ValueError(f"{name} {message}, got {value!r}")
+    return torch.full((batch,), value, dtype=dtype, device=device), value
+
+
+def _validate(logits: torch.Tensor, temperature: object, top_k: object, top_p: object,
+              min_p: object, seed: object, step: object, *, scan_logits: bool) -> _Params:
+    """Check every argument and return the per-row parameters.
+
+    Raises ``ValueError`` naming the argument for non-2-D logits, a negative or
+    NaN temperature, ``top_k < 0``, ``top_p`` outside (0, 1], ``min_p`` outside
+    [0, 1], a negative seed or step, a parameter tensor of the wrong length and,
+    when ``scan_logits``, NaN logits or a row without a finite logit (the
+    kernel checks those itself, during its first pass). Scalars are checked
+    without touching the device; tensors with one synchronisation.
+    """
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=2)
+    batch, vocab = logits.shape
+    if batch == 0 or vocab == 0:
+        raise ValueError(f"logits must have at least one row and one column, "
+                         f"got shape {tuple(logits.shape)}")
+    if seed is None:
+        seed = int(torch.randint(0, _SEED_MAX, (1,)).item())
+    given = {"temperature": (temperature, 1.0, False), "top_k": (top_k, 0, True),
+             "top_p": (top_p, 1.0, False), "min_p": (min_p, 0.0, False),
+             "seed": (seed, 0, True), "step": (step, 0, True)}
+    values: dict[str, torch.Tensor] = {}
+    scalars: dict[str, float | None] = {}
+    for name, (value, default, integer) in given.items():
+        values[name], scalars[name] = _row_param(name, value, default, batch, logits.device,
+                                                 integer)
+    checks = {f"{name} {_RULES[name][0]}": ~_RULES[name][1](values[name])
+              for name in values if scalars[name] is None}
+    if scan_logits:
+        checks["logits must not contain NaN"] = torch.isnan(logits).any(dim=1)
+        checks["logits must have a finite value in every row"] = ~torch.isfinite(logits).any(dim=1)
+    if checks:
+        failed = torch.stack(list(checks.values())).cpu()
+        for message, row_fail in zip(checks, failed, strict=True):
+            if row_fail.any():
+                row = int(row_fail.nonzero()[0, 0])
+                name = message.split()[0]
+                shown = f", got {values[name][row].item()!r}" if name in values else ""
+                raise ValueError(f"{message} (row {row}{shown})")
+    return _Params(
+        temperature=values["temperature"],
+        top_k=values["top_k"].clamp(max=_INT32_MAX).to(torch.int32),
+        top_p=values["top_p"], min_p=values["min_p"], seed=values["seed"], step=values["step"],
+        has_top_k=scalars["top_k"] is None or scalars["top_k"] > 0,
+        has_top_p=scalars["top_p"] is None or scalars["top_p"] < 1,
+        has_min_p=scalars["min_p"] is None or scalars["min_p"] > 0,
+        seed_per_row=scalars["seed"] is None,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------
+
+
+def _launch_config(batch: int, vocab: int, device: torch.device) -> tuple[int, int, int]:
+    """(rows per program, block, num_warps): the block depends only on vocab and device."""
+    if interpreting() and device.type == "cpu":
+        block = min(triton.next_power_of_2(vocab), 256)
+        rows = min(triton.next_power_of_2(batch), max(1, 65536 // block))
+        return rows, block, 1
+    block = min(triton.next_power_of_2(vocab), 1024)
+    return 1, block, 8
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    top_k: int | torch.Tensor | None = None,
+    top_p: float | torch.Tensor | None = None,
+    min_p: float | torch.Tensor | None = None,
+    seed: int | torch.Tensor | None = None,
+    step: int | torch.Tensor = 0,
+    return_logprobs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row with temperature, top-k, top-p and min-p (Triton).
+
+    Args:
+        logits: ``(batch, vocab)`` fp32/fp16/bf16, contiguous in the last dim;
+            ``-inf`` marks masked tokens (never sampled).
+        temperature: scalar or ``(batch,)``; ``0`` on a row means greedy.
+        top_k: scalar or ``(batch,)`` int; ``0``/``None`` = off.
+        top_p: scalar or ``(batch,)`` in (0, 1]; ``1``/``None`` = off.
+        min_p: scalar or ``(batch,)`` in [0, 1]; ``0``/``None`` = off.
+        seed: int, or ``(batch,)`` int tensor of per-request seeds; ``None``
+            draws one from torch's default generator (follows ``torch.manual_seed``).
+        step: int or ``(batch,)`` int tensor, the index of the token being
+            generated, so every decode step gets fresh random numbers.
+        return_logprobs: also return the log-probability of each sampled token.
+
+    Returns:
+        ``tokens: (batch,) int64``, and with ``return_logprobs`` also
+        ``logprobs: (batch,) fp32``, the log-softmax of the unfiltered,
+        untempered logits at the sampled token.
+    """
+    params = _validate(logits, temperature, top_k, top_p, min_p, seed, step, scan_logits=False)
+    check_triton_device("logits", logits)
+    check_last_dim_contiguous("logits", logits)
+    batch, vocab = logits.shape
+    rows, block, num_warps = _launch_config(batch, vocab, logits.device)
+    tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(batch if return_logprobs else 1, dtype=torch.float32,
+                           device=logits.device)
+    status = torch.empty(batch, dtype=torch.int32, device=logits.device)
+    _sampling_kernel[(triton.cdiv(batch, rows),)](
+        logits, logits.stride(0), batch, vocab,
+        params.temperature, params.top_k, params.top_p, params.min_p, params.seed, params.step,
+        tokens, logprobs, status,
+        HAS_TOP_K=params.has_top_k, HAS_TOP_P=params.has_top_p, HAS_MIN_P=params.has_min_p,
+        SEED_PER_ROW=params.seed_per_row, WANT_LOGPROBS=return_logprobs,
+        ROWS=rows, BLOCK=block, PIVOTS=16, MAX_PASSES=24, num_warps=num_warps,
+    )
+    bad = status.nonzero()
+    if bad.numel():
+        row = int(bad[0, 0])
+        if int(status[row]) == 1:
+            raise ValueError(f"logits must not contain NaN (row {row})")
+        raise ValueError(f"logits must have a finite value in every row (row {row})")
+    return (tokens, logprobs) if return_logprobs else tokens
+
+
+# --------------------------------------------------------------------------------------
+# References (plain PyTorch)
+# --------------------------------------------------------------------------------------
+
+
+def _filtered_probs(logits: torch.Tensor, params: _Params) -> torch.Tensor:
+    x = logits.float()
+    greedy = params.temperature[:, None] == 0
+    scaled = x / torch.where(greedy, 1.0, params.temperature[:, None])
+    # Stable descending sort: ties stay in token-id order.
+    sorted_x, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    probs = torch.softmax(sorted_x, dim=-1)
+    rank = torch.arange(x.shape[1], device=x.device)[None, :]
+    k = params.top_k.long()[:, None]
+    probs = probs * ((k == 0) | (rank < k))
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    p = params.top_p[:, None]
+    before = torch.cumsum(probs, dim=-1) - probs
+    probs = probs * ((p >= 1) | (before < p))
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    probs = probs * (probs >= params.min_p[:, None] * probs[:, :1])
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    probs = torch.where(greedy, (rank == 0).float(), probs)
+    return torch.zeros_like(probs).scatter_(1, order, probs)
+
+
+def filtered_probs_reference(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    top_k: int | torch.Tensor | None = None,
+    top_p: float | torch.Tensor | None = None,
+    min_p: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The exact distribution ``sample`` draws from: ``(batch, vocab)`` fp32.
+
+    ``logits: (batch, vocab)`` fp32/fp16/bf16; parameters as in ``sample``.
+    Greedy rows (temperature 0) are one-hot at the lowest-id argmax.
+    """
+    params = _validate(logits, temperature, top_k, top_p, min_p, 0, 0, scan_logits=True)
+    return _filtered_probs(logits, params)
+
+
+def _mix_seed(seed: int, step: int, stream: int) -> int:
+    """A 63-bit generator seed from (seed, step, stream) (splitmix64 finaliser)."""
+    h = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB)
+    h &= (1 << 64) - 1
+    for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        h = ((h ^ (h >> shift)) * mul) & ((1 << 64) - 1)
+    return (h ^ (h >> 31)) & _SEED_MAX
+
+
+def sample_reference(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    top_k: int | torch.Tensor | None = None,
+    top_p: float | torch.Tensor | None = None,
+    min_p: float | torch.Tensor | None = None,
+    seed: int | torch.Tensor | None = None,
+    step: int | torch.Tensor = 0,
+    return_logprobs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``sample`` in plain PyTorch: softmax, sort, cumsum, then ``torch.multinomial``.
+
+    Same arguments, semantics and validation as ``sample``. Each row draws with
+    its own ``torch.Generator`` seeded from (seed, step, stream), with the same
+    stream rule as the kernel, so the same arguments give the same tokens (a
+    different random stream from the kernel's: equal in distribution only).
+    """
+    params = _validate(logits, temperature, top_k, top_p, min_p, seed, step, scan_logits=True)
+    probs = _filtered_probs(logits, params)
+    seeds, steps = params.seed.tolist(), params.step.tolist()
+    tokens = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
+    gen = torch.Generator(device=probs.device)
+    for row in range(probs.shape[0]):
+        stream = 0 if params.seed_per_row else row
+        gen.manual_seed(_mix_seed(seeds[row], steps[row], stream))
+        tokens[row] = torch.multinomial(probs[row], 1, generator=gen)[0]
+    if not return_logprobs:
+        return tokens
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
+    return tokens, logprobs
