@@ -90,7 +90,8 @@ def run_benchmarks(
     seconds each suite may run (one number for all, or suite → seconds with an
     optional ``"default"``); a suite past its budget is stopped and noted.
     ``profile``: write a Chrome trace ``trace_<suite>.json`` of each suite.
-    ``ceilings``: skip measuring them (tests). The report (``report.md``,
+    ``ceilings``: skip measuring them (tests). ``progress``: a progress bar on a
+    terminal. The report (``report.md``,
     ``report.json``, one PNG per plotted suite) is rewritten after every suite,
     so a run stopped by Ctrl-C keeps the rows already measured; the returned
     report then has ``interrupted`` set.
@@ -101,22 +102,21 @@ def run_benchmarks(
     out.mkdir(parents=True, exist_ok=True)
     report = Report(device=device, quick=quick, out_dir=out, env=environment(device))
     plotted: dict[str, Path] = {}
-    pending = list(names)
     try:
         report.ceilings = ceilings or measure_ceilings(device, quick=quick)
-        bar = tqdm(names, desc="bench", unit="suite", disable=not progress)
+        bar = tqdm(names, desc="bench", unit="suite", disable=None if progress else True)
         for name in bar:
             bar.set_postfix_str(name)
             _run_suite(report, name, _budget_for(budget_s, name), profile)
-            pending.remove(name)
             _write(report, [name], plotted)
     except KeyboardInterrupt:
         report.interrupted = True
-        for name in pending:
-            if name not in {s.name for s in report.suites}:
+        ran = {s.name for s in report.suites}
+        for name in names:
+            if name not in ran:
                 report.suites.append(SuiteStatus(name, "not run"))
                 report.rows.append(_note_row(name, "not run: the run was interrupted (Ctrl-C)"))
-    _write(report, pending if report.interrupted else [], plotted)
+    _write(report, [n for n in names if n not in plotted] if report.interrupted else [], plotted)
     return report
 
 
