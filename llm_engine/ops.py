@@ -8,15 +8,18 @@ The model calls only these functions and never branches on device itself.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
 
-from llm_engine.kernels import attention as _attention
-from llm_engine.kernels import cross_entropy as _cross_entropy
-from llm_engine.kernels import layer_norm as _layer_norm
-from llm_engine.kernels import paged_attention as _paged
-from llm_engine.kernels import sampling as _sampling
+# Modules, not names: ``llm_engine.kernels`` re-exports functions that share their
+# module's name (``layer_norm``, ``paged_attention``), so attribute import is ambiguous.
+_attention = importlib.import_module("llm_engine.kernels.attention")
+_cross_entropy = importlib.import_module("llm_engine.kernels.cross_entropy")
+_layer_norm = importlib.import_module("llm_engine.kernels.layer_norm")
+_paged = importlib.import_module("llm_engine.kernels.paged_attention")
+_sampling = importlib.import_module("llm_engine.kernels.sampling")
 
 BACKENDS = ("torch", "triton")
 
