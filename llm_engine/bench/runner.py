@@ -146,7 +146,7 @@ def _run_suite(report: Report, name: str, budget: float | None, profile: bool) -
             status.status, status.error = "missing", f"module {path} does not exist"
             rows.append(_note_row(name, f"suite not run: module {path} does not exist"))
             return
-        with _time_budget(budget), _profiling(profile, report, name):
+        with _profiling(profile, report, name), _time_budget(budget):
             producer = getattr(module, "iter_rows", None)
             if producer is not None:
                 for row in producer(report.device, report.quick, report.ceilings):
@@ -185,7 +185,8 @@ def _complete(row: Row, ceilings: Ceilings | None) -> Row:
             and math.isfinite(row.value)):
         row.ceiling_frac = row.value / getattr(ceilings, attr)
     if row.rel_err is None and not row.note:
-        row.note = "no correctness figure reported by the suite"
+        row.note = ("no correctness figure reported by the suite" if row.value is not None
+                    else "not measured, and the suite gave no reason")
     return row
 
 
