@@ -1,0 +1,138 @@
+"""The paged KV cache: K/V tensors plus the C++ block manager that hands out their blocks.
+
+One tensor holds every layer's keys and values,
+``cache: (num_layers, 2, num_blocks, block_size, kv_heads, head_dim)``
+(index 0 of dim 1 is K, 1 is V). Slot ``s`` of the manager is
+``cache[layer, kv, s // block_size, s % block_size]``, so ``layer(i)`` gives the
+``(k_cache, v_cache)`` pair the paged-attention kernels take, each
+``(num_blocks, block_size, kv_heads, head_dim)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from llm_engine._C import BlockManager
+
+DEFAULT_CPU_BYTES = 256 << 20  # budget when no size is given on CPU
+
+
+class KVCache:
+    """Paged K/V storage sized from a memory budget, and the manager of its blocks.
+
+    The number of blocks is, in order of precedence: ``num_blocks`` if given;
+    else ``memory_bytes // bytes_per_block`` if a byte budget is given; else on
+    CUDA ``memory_fraction`` of the device's currently free memory
+    (``torch.cuda.mem_get_info``), on CPU ``DEFAULT_CPU_BYTES``.
+
+    Args:
+        num_layers, kv_heads, head_dim: model geometry (K/V heads, i.e. after GQA grouping).
+        block_size: tokens per block.
+        dtype: storage dtype of K and V (fp16/bf16/fp32).
+        device: where the cache lives.
+        num_blocks / memory_bytes / memory_fraction: the size, see above.
+        enable_prefix_caching: passed to the ``BlockManager``.
+
+    Raises ``ValueError`` for non-positive sizes, a fraction outside (0, 1], or a
+    budget smaller than one block.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        block_size: int = 16,
+        *,
+        dtype: torch.dtype = torch.float16,
+        device: str | torch.device = "cpu",
+        num_blocks: int | None = None,
+        memory_bytes: int | None = None,
+        memory_fraction: float = 0.9,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        for name, value in (("num_layers", num_layers), ("kv_heads", kv_heads),
+                            ("head_dim", head_dim), ("block_size", block_size)):
+            if value <= 0:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 < memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.num_layers = num_layers
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.bytes_per_block = (num_layers * 2 * block_size * kv_heads * head_dim
+                                * torch.empty((), dtype=dtype).element_size())
+        if num_blocks is None:
+            budget = self._budget_bytes(memory_bytes, memory_fraction)
+            num_blocks = budget // self.bytes_per_block
+            if num_blocks < 1:
+                raise ValueError(f"a budget of {budget} bytes holds no block of "
+                                 f"{self.bytes_per_block} bytes")
+        elif num_blocks <= 0:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = int(num_blocks)
+        self.cache = torch.zeros(
+            (num_layers, 2, self.num_blocks, block_size, kv_heads, head_dim),
+            dtype=dtype, device=self.device)
+        self.manager = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
+
+    def _budget_bytes(self, memory_bytes: int | None, memory_fraction: float) -> int:
+        if memory_bytes is not None:
+            if memory_bytes <= 0:
+                raise ValueError(f"memory_bytes must be >= 1, got {memory_bytes}")
+            return int(memory_bytes)
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            return int(free * memory_fraction)
+        return DEFAULT_CPU_BYTES
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes held by the K/V tensor."""
+        return self.num_blocks * self.bytes_per_block
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k_cache, v_cache)`` of layer ``i``: views, each ``(num_blocks, block_size,
+        kv_heads, head_dim)``, sharing storage with ``cache``."""
+        if not -self.num_layers <= i < self.num_layers:
+            raise IndexError(f"layer {i} is out of range for {self.num_layers} layers")
+        return self.cache[i, 0], self.cache[i, 1]
+
+    def copy_blocks(self, pairs: Iterable[tuple[int, int]] | np.ndarray) -> None:
+        """Perform copy-on-write copies: block ``dst`` gets ``src``'s K and V in every layer.
+
+        ``pairs``: ``(src, dst)`` in the order the manager recorded them (a list of
+        pairs or an int array ``(n, 2)``). The result equals copying one pair after
+        the other: a source that an earlier pair wrote is read as that earlier
+        source, and a block written twice keeps the last copy. All copies run as
+        one gather and one scatter.
+        """
+        origin: dict[int, int] = {}
+        for src, dst in (tuple(map(int, p)) for p in pairs):
+            for b in (src, dst):
+                if not 0 <= b < self.num_blocks:
+                    raise ValueError(f"copy_blocks: block {b} is out of range [0, {self.num_blocks})")
+            origin[dst] = origin.get(src, src)
+        if not origin:
+            return
+        dst_idx = torch.tensor(list(origin.keys()), dtype=torch.long, device=self.device)
+        src_idx = torch.tensor(list(origin.values()), dtype=torch.long, device=self.device)
+        self.cache[:, :, dst_idx] = self.cache[:, :, src_idx]
+
+    def apply_pending_copies(self) -> int:
+        """Take the manager's pending copy-on-write copies and perform them; call it
+        before each forward. Returns the number of copies."""
+        pairs = self.manager.take_pending_copies()
+        self.copy_blocks(pairs)
+        return len(pairs)
+
+    def __repr__(self) -> str:
+        return (f"KVCache(layers={self.num_layers}, blocks={self.num_blocks}x{self.block_size}, "
+                f"kv_heads={self.kv_heads}, head_dim={self.head_dim}, dtype={self.dtype}, "
+                f"device={self.device}, {self.num_bytes / 2**20:.1f} MiB)")
