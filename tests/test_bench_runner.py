@@ -11,10 +11,12 @@ import time
 import types
 
 import pytest
+import torch
 
 from llm_engine.bench import plots, runner
 from llm_engine.bench.cli import add_bench_parsers, handle
 from llm_engine.bench.common import OURS, Ceilings, Row
+from llm_engine.bench.profile import build_workload, profile_kernel
 
 CEILINGS = Ceilings(device_name="test CPU", bandwidth_gbps=10.0, matmul_tflops=0.5)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -240,3 +242,18 @@ def test_profile_kernel_runs_the_loop_and_prints_the_ncu_command(capsys):
 def test_profile_kernel_rejects_a_shape_of_the_wrong_rank(capsys):
     assert _cli(["profile-kernel", "layer_norm", "--shape", "2,3,4", "--device", "cpu"]) == 2
     assert "ROWS,HIDDEN" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "shape", "backward"), [
+    ("layer_norm", (4, 32), True),
+    ("rms_norm", (4, 32), False),
+    ("attention", (1, 16, 2, 32), False),
+    ("sampling", (2, 64), False),
+    ("paged_attention", (2, 20, 4, 16, 2), False),
+])
+def test_profile_kernel_workloads_call_each_kernel(name, shape, backward):
+    module = {"rms_norm": "layer_norm"}.get(name, name)
+    if importlib.util.find_spec(f"llm_engine.kernels.{module}") is None:
+        pytest.skip(f"{module} kernel not written yet")
+    workload = build_workload(name, shape, torch.float32, "cpu", backward)
+    assert profile_kernel(workload, "cpu", iters=1, warmup=0) > 0
