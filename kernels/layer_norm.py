@@ -151,6 +151,20 @@ def _norm_fwd_kernel(
             tl.store(y_rows + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _bwd_tile_loads(X, DY, Mean, Rstd, rows, row_end, cols, col_mask, stride_x, N,
+                    IS_RMS: tl.constexpr):
+    """x and dy (in their own dtype), mean (zero for RMSNorm) and rstd of a tile of rows."""
+    row_mask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + rows64[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+    mean = tl.zeros_like(rstd) if IS_RMS else tl.load(Mean + rows, mask=row_mask, other=0.0)
+    return x, dy, mean, rstd
+
+
 @triton.autotune(
     configs=_warp_configs(),
     key=["N", "ROWS", "BLOCK_N", "IS_RMS", "HAS_BIAS", "HAS_DH"],
@@ -179,21 +193,26 @@ def _norm_bwd_kernel(
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         db_acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        # The loads of the next tile are issued before this tile's math, so each
+        # program keeps a tile of memory traffic in flight while it computes.
+        x_next, dy_next, mean_next, rstd_next = _bwd_tile_loads(
+            X, DY, Mean, Rstd, row_start + tl.arange(0, ROWS), row_end, cols, col_mask,
+            stride_x, N, IS_RMS)
         for r0 in range(row_start, row_end, ROWS):
             rows = r0 + tl.arange(0, ROWS)
             row_mask = rows < row_end
             rows64 = rows.to(tl.int64)
             mask = row_mask[:, None] & col_mask[None, :]
             offs = rows64[:, None] * N + cols[None, :]
-            x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-            if IS_RMS:
-                xhat = x * rstd[:, None]
-            else:
-                mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
-                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            x = x_next.to(tl.float32)
+            dy = dy_next.to(tl.float32)
+            mean = mean_next
+            rstd = rstd_next
+            x_next, dy_next, mean_next, rstd_next = _bwd_tile_loads(
+                X, DY, Mean, Rstd, rows + ROWS, row_end, cols, col_mask, stride_x, N, IS_RMS)
+            if HAS_DH:
+                dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
             wdy = w[None, :] * dy
             c1 = tl.sum(xhat * wdy, axis=1) / N
             if IS_RMS:
@@ -202,7 +221,7 @@ def _norm_bwd_kernel(
                 c2 = tl.sum(wdy, axis=1) / N
                 dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
             if HAS_DH:
-                dx += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+                dx += dh
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
             dw_acc += dy * xhat
             if HAS_BIAS:
