@@ -47,7 +47,7 @@ def add_bench_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="Measure the device's ceilings, run the benchmark suites, print the "
                     "table and write report.md, report.json and plots to --out.")
     bench.add_argument("which", nargs="*", default="all", metavar="SUITE",
-                       choices=["all", *runner.GROUPS, *runner.SUITES],
+                       choices=list(dict.fromkeys(["all", *runner.GROUPS, *runner.SUITES])),
                        help=f"groups ({', '.join(['all', *runner.GROUPS])}) or suites "
                             f"({', '.join(runner.SUITES)}); default: all")
     bench.add_argument("--device", choices=["cuda", "cpu"], default=None,
