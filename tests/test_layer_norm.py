@@ -155,6 +155,15 @@ def test_gradient_arriving_only_on_h_passes_to_x_and_residual(norm):
     assert dw is None or torch.count_nonzero(dw) == 0
 
 
+def test_x_and_residual_leaf_gradients_do_not_share_memory():
+    x, w, _, r = _make_inputs((4, 8), torch.float32, False, True)
+    y, h = rms_norm(x, w, residual=r)
+    (y.sum() + h.sum()).backward()
+    torch.testing.assert_close(x.grad, r.grad, rtol=0, atol=0)
+    x.grad.add_(1.0)
+    assert not torch.equal(x.grad, r.grad)
+
+
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 @pytest.mark.parametrize("hidden", [100, WIDE])
 def test_weight_and_bias_gradients_are_identical_run_to_run(norm, hidden):

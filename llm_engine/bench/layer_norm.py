@@ -53,8 +53,7 @@ def _cases(device: str, quick: bool) -> list[tuple[int, int]]:
         return [(64, 256)] if quick else [(256, 1024), (1024, 1024)]
     if quick:
         return [(4096, 1024), (8192, 4096)]
-    return [(4096, 1024), (8192, 2048), (4096, 8192), (16384, 4096), (32768, 4096),
-            (32768, 8192)]
+    return [(4096, 1024), (8192, 2048), (4096, 8192), (16384, 4096), (32768, 8192)]
 
 
 def _bytes(variant: str, mode: str, rows: int, hidden: int, elem: int, w_elem: int) -> int:
@@ -174,24 +173,23 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
     cuda = torch.device(device).type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     elem = torch.finfo(dtype).bits // 8
-    for variant in VARIANTS:
-        ours_note = ""
-        ours = _ours(variant)
-        if interpreting():
-            ours_note = "Triton interpreter on CPU: not a speed figure"
-        elif not cuda:
-            ours = _reference(variant)
-            ours_note = "CPU: the engine's PyTorch path (the reference), not the kernel"
-        liger, liger_note = _liger(variant) if cuda else (None, "Liger-Kernel needs CUDA")
-        for rows, hidden in _cases(device, quick):
-            case = _Case(variant, rows, hidden, dtype, device)
+    liger = {v: (_liger(v) if cuda else (None, "Liger-Kernel needs CUDA")) for v in VARIANTS}
+    for rows, hidden in _cases(device, quick):
+        params = {"rows": rows, "hidden": hidden}
+        for variant in VARIANTS:
+            ours, ours_note = _ours(variant), ""
+            if interpreting():
+                ours_note = "Triton interpreter on CPU: not a speed figure"
+            elif not cuda:
+                ours = _reference(variant)
+                ours_note = "CPU: the engine's PyTorch path (the reference), not the kernel"
             compiled, compiled_note = ((_compiled(variant), "") if cuda
                                        else (None, "skipped on CPU (compile time)"))
             impls: list[tuple[str, Impl | None, str]] = [
                 (OURS, ours, ours_note), ("torch", _torch(variant), ""),
-                ("torch.compile", compiled, compiled_note), ("liger", liger, liger_note),
+                ("torch.compile", compiled, compiled_note), ("liger", *liger[variant]),
             ]
-            params = {"rows": rows, "hidden": hidden}
+            case = _Case(variant, rows, hidden, dtype, device)
             for mode in MODES:
                 name = f"{variant} {mode} {rows}x{hidden}"
                 nbytes = _bytes(variant, mode, rows, hidden, elem, elem)
