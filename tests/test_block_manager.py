@@ -367,19 +367,34 @@ def test_block_table_is_a_read_only_view_of_the_manager_buffer():
     a, b = bm.block_table(1), bm.block_table(1)
     assert a.dtype == np.int32
     assert np.shares_memory(a, b)
-    assert a.base is bm
     assert not a.flags.writeable
     with pytest.raises(ValueError):
         a[0] = 3
 
 
-def test_block_table_view_keeps_the_manager_alive():
+def test_block_table_view_follows_in_place_changes():
     bm = BlockManager(8, BS)
-    bm.allocate(1, list(range(9)))
-    table = bm.block_table(1)
+    bm.allocate(1, [1, 2, 3, 4, 5])
+    bm.fork(1, 2)
+    table = bm.block_table(2)
+    bm.append_token(2, 6)  # copy-on-write replaces the last block in place
+    assert table.tolist() == bm.block_table(2).tolist() == [0, 2]
+
+
+def test_views_stay_valid_memory_after_growth_free_and_manager_deletion():
+    bm = BlockManager(64, 1)
+    bm.allocate(1, [1, 2, 3])
+    table, tokens = bm.block_table(1), bm.token_ids(1)
+    for t in range(40):  # grows the buffers past their capacity: moved, not freed under the view
+        bm.append_token(1, t)
+    assert table.tolist() == [0, 1, 2]
+    assert bm.block_table(1).tolist() == list(range(43))
+    grown = bm.block_table(1)
+    bm.free(1)
     del bm
     gc.collect()
-    assert table.tolist() == [0, 1, 2]
+    assert tokens.tolist() == [1, 2, 3]
+    assert grown.tolist() == list(range(43))
 
 
 def test_exceptions_have_specific_types():

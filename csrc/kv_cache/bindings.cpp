@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -109,10 +110,14 @@ class IntBuffer {
   size_t size_ = 0;
 };
 
-// Read-only numpy view of `v`, kept alive through `owner` (the BlockManager).
-py::array_t<int32_t> view_of(const std::vector<int32_t>& v, const py::object& owner) {
-  py::array_t<int32_t> arr({static_cast<py::ssize_t>(v.size())},
-                           {static_cast<py::ssize_t>(sizeof(int32_t))}, v.data(), owner);
+// Read-only numpy view of `v`'s current storage; the array holds a share of
+// that storage, so it stays valid memory whatever later happens to `v`.
+py::array_t<int32_t> view_of(const SharedVector<int32_t>& v) {
+  using Storage = std::shared_ptr<const std::vector<int32_t>>;
+  auto* keep = new Storage(v.share());
+  py::capsule owner(keep, [](void* p) { delete static_cast<Storage*>(p); });
+  py::array_t<int32_t> arr({static_cast<py::ssize_t>((*keep)->size())},
+                           {static_cast<py::ssize_t>(sizeof(int32_t))}, (*keep)->data(), owner);
   py::detail::array_proxy(arr.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
   return arr;
 }
@@ -200,20 +205,15 @@ out-of-range positions, duplicate ids in a batch; ``OutOfBlocksError`` (a
            "Release the sequence's blocks; registered blocks stay cached until evicted.")
       .def(
           "block_table",
-          [](const py::object& self, int64_t seq_id) {
-            const auto& bm = self.cast<const BlockManager&>();
-            return view_of(bm.block_table(seq_id), self);
-          },
+          [](const BlockManager& bm, int64_t seq_id) { return view_of(bm.block_table(seq_id)); },
           py::arg("seq_id"),
           "The sequence's block ids as a read-only int32 numpy array viewing the manager's\n"
-          "buffer (no copy). Valid until the next call that changes this sequence\n"
-          "(append_token(s), free); copy it to keep it longer.")
+          "buffer (no copy). It shows the sequence's table until the next call that changes\n"
+          "this sequence (append_token(s), free); after that it may be stale (old or new\n"
+          "contents) but stays valid memory. Copy it to keep a snapshot.")
       .def(
           "token_ids",
-          [](const py::object& self, int64_t seq_id) {
-            const auto& bm = self.cast<const BlockManager&>();
-            return view_of(bm.token_ids(seq_id), self);
-          },
+          [](const BlockManager& bm, int64_t seq_id) { return view_of(bm.token_ids(seq_id)); },
           py::arg("seq_id"),
           "The sequence's token ids as a read-only int32 numpy view; same lifetime as block_table.")
       .def("num_tokens", &BlockManager::num_tokens, py::arg("seq_id"))

@@ -249,12 +249,12 @@ void BlockManager::free(int64_t seq_id) {
   if (it == seqs_.end()) {
     throw UnknownSequenceError("free: unknown " + seq_str(seq_id) + " (never allocated or already freed)");
   }
-  const std::vector<int32_t>& blocks = it->second.blocks;
+  const SharedVector<int32_t>& blocks = it->second.blocks;
   for (auto b = blocks.rbegin(); b != blocks.rend(); ++b) release_block(*b);
   seqs_.erase(it);
 }
 
-const std::vector<int32_t>& BlockManager::block_table(int64_t seq_id) const {
+const SharedVector<int32_t>& BlockManager::block_table(int64_t seq_id) const {
   return get(seq_id).blocks;
 }
 
@@ -262,7 +262,7 @@ int64_t BlockManager::num_tokens(int64_t seq_id) const {
   return static_cast<int64_t>(get(seq_id).tokens.size());
 }
 
-const std::vector<int32_t>& BlockManager::token_ids(int64_t seq_id) const {
+const SharedVector<int32_t>& BlockManager::token_ids(int64_t seq_id) const {
   return get(seq_id).tokens;
 }
 

@@ -28,9 +28,11 @@
 // - OutOfBlocksError: not enough free blocks for the request.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -57,6 +59,57 @@ struct StepPlan {
 
 // A token id as stored by the manager: checks 0 <= token < 2^31.
 int32_t checked_token(int64_t token);
+
+// A vector whose storage can outlive it, for zero-copy views (numpy arrays).
+// A view holds a share of the storage (`share()`); growth moves the elements
+// to new storage instead of reallocating in place, and copying a SharedVector
+// copies the elements. So a view never dangles: after the vector changes, the
+// view shows either the new contents (changes in place) or the contents at
+// the time of the move (growth, destruction).
+template <typename T>
+class SharedVector {
+ public:
+  SharedVector() : data_(std::make_shared<std::vector<T>>()) {}
+  SharedVector(const SharedVector& other) : data_(std::make_shared<std::vector<T>>(*other.data_)) {}
+  SharedVector& operator=(const SharedVector& other) {
+    data_ = std::make_shared<std::vector<T>>(*other.data_);
+    return *this;
+  }
+  SharedVector(SharedVector&&) noexcept = default;
+  SharedVector& operator=(SharedVector&&) noexcept = default;
+
+  void assign(const T* first, const T* last) {
+    data_ = std::make_shared<std::vector<T>>(first, last);
+  }
+  void reserve(size_t capacity) {
+    if (capacity > data_->capacity()) move_to(capacity);
+  }
+  void push_back(T value) {
+    if (data_->size() == data_->capacity()) move_to(std::max<size_t>(8, 2 * data_->size()));
+    data_->push_back(value);
+  }
+  size_t size() const { return data_->size(); }
+  const T* data() const { return data_->data(); }
+  T& operator[](size_t i) { return (*data_)[i]; }
+  const T& operator[](size_t i) const { return (*data_)[i]; }
+  T& back() { return data_->back(); }
+  const T& back() const { return data_->back(); }
+  typename std::vector<T>::const_iterator begin() const { return data_->begin(); }
+  typename std::vector<T>::const_iterator end() const { return data_->end(); }
+  typename std::vector<T>::const_reverse_iterator rbegin() const { return data_->rbegin(); }
+  typename std::vector<T>::const_reverse_iterator rend() const { return data_->rend(); }
+  std::shared_ptr<const std::vector<T>> share() const { return data_; }
+
+ private:
+  void move_to(size_t capacity) {
+    auto next = std::make_shared<std::vector<T>>();
+    next->reserve(capacity);
+    next->insert(next->end(), data_->begin(), data_->end());
+    data_ = std::move(next);
+  }
+
+  std::shared_ptr<std::vector<T>> data_;
+};
 
 class BlockManager {
  public:
@@ -88,9 +141,11 @@ class BlockManager {
   // head stays in the LRU longest).
   void free(int64_t seq_id);
 
-  const std::vector<int32_t>& block_table(int64_t seq_id) const;
+  // The sequence's block ids / token ids. Views taken with share() stay valid
+  // memory after the sequence changes or is freed (see SharedVector).
+  const SharedVector<int32_t>& block_table(int64_t seq_id) const;
   int64_t num_tokens(int64_t seq_id) const;
-  const std::vector<int32_t>& token_ids(int64_t seq_id) const;
+  const SharedVector<int32_t>& token_ids(int64_t seq_id) const;
   bool contains(int64_t seq_id) const { return seqs_.count(seq_id) != 0; }
   int64_t num_sequences() const { return static_cast<int64_t>(seqs_.size()); }
 
@@ -131,8 +186,8 @@ class BlockManager {
 
  private:
   struct Sequence {
-    std::vector<int32_t> blocks;
-    std::vector<int32_t> tokens;
+    SharedVector<int32_t> blocks;
+    SharedVector<int32_t> tokens;
     uint64_t chain_hash = 0;  // hash of block num_hashed - 1 (seed when 0)
     int64_t num_hashed = 0;   // leading full blocks folded into chain_hash
     // Id of the last batched call that saw this sequence (duplicate detection
