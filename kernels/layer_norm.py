@@ -295,11 +295,8 @@ def _sum_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_G": g, "BLOCK_COLS": c}, num_warps=w) for g, c, w in shapes]
 
 
-@triton.autotune(configs=_sum_configs(), key=["G", "N"])
 @triton.jit
-def _sum_partials_kernel(P, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """OUT[n] = sum over g of P[g, n], in a fixed order."""
-    pid = tl.program_id(0)
+def _sum_columns(P, OUT, pid, G, N, BLOCK_G: tl.constexpr, BLOCK_COLS: tl.constexpr):
     cols = pid * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     col_mask = cols < N
     acc = tl.zeros([BLOCK_G, BLOCK_COLS], dtype=tl.float32)
@@ -308,6 +305,22 @@ def _sum_partials_kernel(P, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_COLS: tl.con
         mask = (g < G)[:, None] & col_mask[None, :]
         acc += tl.load(P + g.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
     tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
+
+
+@triton.autotune(configs=_sum_configs(), key=["G", "N", "HAS_BIAS"])
+@triton.jit
+def _sum_partials_kernel(PW, PB, DW, DB, G, N, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_COLS: tl.constexpr):
+    """DW[n] = sum over g of PW[g, n] in a fixed order; with a bias, the second row of
+    the grid does the same for DB from PB (one launch for both)."""
+    pid = tl.program_id(0)
+    if HAS_BIAS:
+        if tl.program_id(1) == 1:
+            _sum_columns(PB, DB, pid, G, N, BLOCK_G, BLOCK_COLS)
+        else:
+            _sum_columns(PW, DW, pid, G, N, BLOCK_G, BLOCK_COLS)
+    else:
+        _sum_columns(PW, DW, pid, G, N, BLOCK_G, BLOCK_COLS)
 
 
 def _block_n(n: int, max_block_n: int) -> int:
@@ -391,11 +404,9 @@ def _backward(dy: torch.Tensor, dh: torch.Tensor | None, saved: torch.Tensor,
         IS_RMS=is_rms, HAS_BIAS=has_bias, HAS_DH=dh is not None,
         ONE_PASS=one_pass, ROWS=rows, BLOCK_N=block_n,
     )
-    for partial, out in ((dw_partial, dweight), (db_partial, dbias)):
-        if partial is not None:
-            _sum_partials_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_COLS"]),)](
-                partial, out, programs, n,
-            )
+    _sum_partials_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_COLS"]), 1 + has_bias)](
+        dw_partial, db_partial, dweight, dbias, programs, n, HAS_BIAS=has_bias,
+    )
     return dx, dweight, dbias
 
 
