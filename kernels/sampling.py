@@ -53,6 +53,7 @@ from ._utils import (
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _INT32_MAX = 2**31 - 1
+_I32_MAX = tl.constexpr(_INT32_MAX)  # the same, readable inside kernels
 _SEED_MAX = 2**63 - 1
 
 
@@ -84,15 +85,17 @@ def _load_scaled(row_base, row_ok, cols, vocab, scale):
 
 
 @triton.jit
-def _search(row_base, row_ok, vocab, scale, m, y_floor, lo, hi, cnt_lo, cnt_hi, mass_hi,
-            k_lim, p_mass, ROWS: tl.constexpr, BLOCK: tl.constexpr, PIVOTS: tl.constexpr,
-            MAX_PASSES: tl.constexpr):
+def _search(row_base, row_ok, vocab, scale, m, y_floor, bmax_row, lo, hi, cnt_hi, mass_hi,
+            k_lim, p_mass, COUNT: tl.constexpr, MASS: tl.constexpr, ROWS: tl.constexpr,
+            BLOCK: tl.constexpr, PIVOTS: tl.constexpr, MAX_PASSES: tl.constexpr):
     """Largest data key ``t`` with ``count(key >= t) >= k_lim or mass(key >= t) >= p_mass``.
 
-    Invariant: the predicate holds at ``lo`` and fails at ``hi``; ``cnt_lo`` is
-    the count at ``lo``, ``cnt_hi``/``mass_hi`` count and mass at ``hi``. Rows
-    with ``hi - lo <= 1`` are settled. Returns the updated
-    ``(lo, cnt_lo, cnt_hi, mass_hi)``; then ``t = lo``.
+    Invariant: the predicate holds at ``lo`` and fails at ``hi``; ``cnt_hi`` and
+    ``mass_hi`` are the count and mass at ``hi`` (each tracked only when
+    ``COUNT``/``MASS``). Rows with ``hi - lo <= 1`` are settled. Blocks whose
+    largest key (``bmax_row``, from pass 1) is below ``lo`` hold nothing at or
+    above any pivot and are skipped. Returns ``(lo, cnt_hi, mass_hi)``; then
+    ``t = lo``, and ``cnt_hi``/``mass_hi`` count and weigh the tokens above it.
     """
     HALF: tl.constexpr = PIVOTS // 2
     j = tl.arange(0, PIVOTS)
@@ -101,6 +104,8 @@ def _search(row_base, row_ok, vocab, scale, m, y_floor, lo, hi, cnt_lo, cnt_hi, 
     cols0 = tl.arange(0, BLOCK)
     passes = 0
     while (tl.max(hi.to(tl.int64) - lo) > 1) & (passes < MAX_PASSES):
+        # Half the pivots evenly in value (fast on real logits), half evenly in
+        # the key's bits (at least a (HALF+1)-fold cut of the key range per pass).
         lo64 = lo.to(tl.int64)
         span = hi.to(tl.int64) - lo64
         piv_bits = lo64[:, None] + (span[:, None] * (j + 1 - HALF)[None, :]) // (HALF + 1)
@@ -110,35 +115,38 @@ def _search(row_base, row_ok, vocab, scale, m, y_floor, lo, hi, cnt_lo, cnt_hi, 
         piv = tl.where(by_value[None, :], piv_val.to(tl.int64), piv_bits)
         piv = tl.minimum(tl.maximum(piv, lo64[:, None] + 1), hi.to(tl.int64)[:, None] - 1)
         piv = piv.to(tl.int32)
+        open_rows = row_ok & (span > 1)
         cnt = tl.zeros([ROWS, PIVOTS], dtype=tl.int32)
         mass = tl.zeros([ROWS, PIVOTS], dtype=tl.float32)
-        kmin = tl.full([ROWS], _INT32_MAX, dtype=tl.int32)
-        kmax = tl.full([ROWS], -_INT32_MAX, dtype=tl.int32)
+        kmin = tl.full([ROWS], _I32_MAX, dtype=tl.int32)
+        kmax = tl.full([ROWS], -_I32_MAX, dtype=tl.int32)
         for start in range(0, vocab, BLOCK):
-            cols = start + cols0
-            x, y = _load_scaled(row_base, row_ok, cols, vocab, scale)
-            key = _float_key(y)
-            w = tl.exp2(y - m[:, None])
-            ge = key[:, :, None] >= piv[:, None, :]
-            cnt += tl.sum(ge.to(tl.int32), axis=1)
-            mass += tl.sum(tl.where(ge, w[:, :, None], 0.0), axis=1)
-            inside = (key >= lo[:, None]) & (key < hi[:, None]) & (cols < vocab)[None, :]
-            kmin = tl.minimum(kmin, tl.min(tl.where(inside, key, _INT32_MAX), axis=1))
-            kmax = tl.maximum(kmax, tl.max(tl.where(inside, key, -_INT32_MAX), axis=1))
+            block_key = _float_key(tl.load(bmax_row + start // BLOCK, mask=open_rows,
+                                           other=float("-inf")))
+            if tl.max((open_rows & (block_key >= lo)).to(tl.int32)) > 0:
+                cols = start + cols0
+                x, y = _load_scaled(row_base, row_ok, cols, vocab, scale)
+                key = _float_key(y)
+                ge = key[:, :, None] >= piv[:, None, :]
+                if COUNT:
+                    cnt += tl.sum(ge.to(tl.int32), axis=1)
+                if MASS:
+                    w = tl.exp2(y - m[:, None])
+                    mass += tl.sum(tl.where(ge, w[:, :, None], 0.0), axis=1)
+                inside = (key >= lo[:, None]) & (key < hi[:, None]) & (cols < vocab)[None, :]
+                kmin = tl.minimum(kmin, tl.min(tl.where(inside, key, _I32_MAX), axis=1))
+                kmax = tl.maximum(kmax, tl.max(tl.where(inside, key, -_I32_MAX), axis=1))
         enough = (cnt >= k_lim[:, None]) | (mass >= p_mass[:, None])
         new_lo = tl.maximum(tl.max(tl.where(enough, piv, lo[:, None]), axis=1), lo)
         new_hi = tl.minimum(tl.min(tl.where(enough, hi[:, None], piv), axis=1), hi)
-        at_lo = piv == new_lo[:, None]
         at_hi = piv == new_hi[:, None]
-        cnt_lo = tl.where(new_lo == lo, cnt_lo, tl.max(tl.where(at_lo, cnt, 0), axis=1))
         cnt_hi = tl.where(new_hi == hi, cnt_hi, tl.max(tl.where(at_hi, cnt, 0), axis=1))
         mass_hi = tl.where(new_hi == hi, mass_hi, tl.max(tl.where(at_hi, mass, 0.0), axis=1))
         # No data lies in [lo, kmin) or (kmax, hi): shrink to the data without changing counts.
-        settled = hi.to(tl.int64) - lo <= 1
-        lo = tl.where(settled, lo, tl.maximum(new_lo, kmin))
-        hi = tl.where(settled, hi, tl.minimum(new_hi.to(tl.int64), kmax.to(tl.int64) + 1).to(tl.int32))
+        lo = tl.where(open_rows, tl.maximum(new_lo, kmin), lo)
+        hi = tl.where(open_rows, tl.minimum(new_hi, kmax.to(tl.int64) + 1).to(tl.int32), hi)
         passes += 1
-    return lo, cnt_lo, cnt_hi, mass_hi
+    return lo, cnt_hi, mass_hi
 
 
 @triton.jit
@@ -151,7 +159,7 @@ def _uniform(r):
 def _sampling_kernel(
     logits_ptr, stride_row, batch, vocab,
     temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
-    tokens_ptr, logprobs_ptr, status_ptr,
+    tokens_ptr, logprobs_ptr, status_ptr, bmax_ptr, n_blocks,
     HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
     SEED_PER_ROW: tl.constexpr, WANT_LOGPROBS: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, PIVOTS: tl.constexpr, MAX_PASSES: tl.constexpr,
@@ -160,6 +168,7 @@ def _sampling_kernel(
     row_ok = rows < batch
     cols0 = tl.arange(0, BLOCK)
     row_base = logits_ptr + rows.to(tl.int64)[:, None] * stride_row
+    bmax_row = bmax_ptr + rows.to(tl.int64) * n_blocks  # per-block max of y, written in pass 1
     temp = tl.load(temp_ptr + rows, mask=row_ok, other=1.0)
     greedy = temp == 0.0
     scale = tl.where(greedy, 1.0, 1.0 / temp) * 1.4426950408889634  # work in log2 units
@@ -171,6 +180,7 @@ def _sampling_kernel(
     best = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros([ROWS], dtype=tl.int32)
     bad = tl.zeros([ROWS], dtype=tl.int32)
+    n_finite = tl.zeros([ROWS], dtype=tl.int32)
     m_raw = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     z_raw = tl.zeros([ROWS], dtype=tl.float32)
     for start in range(0, vocab, BLOCK):
@@ -181,8 +191,12 @@ def _sampling_kernel(
         better = bx > best
         best = tl.where(better, bx, best)
         best_idx = tl.where(better, start + bi, best_idx)
-        y_floor = tl.minimum(y_floor, tl.min(tl.where(y > float("-inf"), y, float("inf")), axis=1))
-        new_m = tl.maximum(m, tl.max(y, axis=1))
+        finite = y > float("-inf")
+        y_floor = tl.minimum(y_floor, tl.min(tl.where(finite, y, float("inf")), axis=1))
+        n_finite += tl.sum(finite.to(tl.int32), axis=1)
+        block_max = tl.max(y, axis=1)
+        tl.store(bmax_row + start // BLOCK, block_max, mask=row_ok)
+        new_m = tl.maximum(m, block_max)
         ref = tl.where(new_m == float("-inf"), 0.0, new_m)
         z = z * tl.exp2(m - ref) + tl.sum(tl.exp2(y - ref[:, None]), axis=1)
         m = new_m
@@ -192,31 +206,34 @@ def _sampling_kernel(
             ref_r = tl.where(new_mr == float("-inf"), 0.0, new_mr)
             z_raw = z_raw * tl.exp2(m_raw - ref_r) + tl.sum(tl.exp2(yr - ref_r[:, None]), axis=1)
             m_raw = new_mr
+    tl.debug_barrier()  # the block maxima are read back by other threads below
     bad = tl.where(m == float("-inf"), 2, bad)
     tl.store(status_ptr + rows, bad, mask=row_ok)
     sampling = row_ok & ~greedy & (bad == 0)
     m = tl.where(bad == 0, m, 0.0)  # keeps padding rows of a tile free of inf - inf
+    y_floor = tl.where(bad == 0, y_floor, 0.0)
 
     # Pass 2: the cut-off key ``t_key`` and how many tokens tied at it survive.
     key_m = _float_key(m)
-    t_key = tl.full([ROWS], -_INT32_MAX - 1, dtype=tl.int32)  # below every key: keep all
+    t_key = tl.full([ROWS], -_I32_MAX - 1, dtype=tl.int32)  # below every key: keep all
     quota = tl.zeros([ROWS], dtype=tl.int32)
     no_p = tl.full([ROWS], float("inf"), dtype=tl.float32)
+    no_k = tl.full([ROWS], _I32_MAX, dtype=tl.int32)
+    zero_cnt = tl.zeros([ROWS], dtype=tl.int32)
+    zero_mass = tl.zeros([ROWS], dtype=tl.float32)
     total = z
-    k_lim = tl.full([ROWS], _INT32_MAX, dtype=tl.int32)
-    lo = _float_key(tl.full([ROWS], float("-inf"), dtype=tl.float32))
-    cnt_lo = tl.full([ROWS], vocab, dtype=tl.int32)
+    lo = _float_key(y_floor)  # the predicate holds at the smallest finite value
+    on_k = sampling & False
+    quota_k = no_k
     if HAS_TOP_K:
         k = tl.load(top_k_ptr + rows, mask=row_ok, other=0)
-        on_k = sampling & (k > 0) & (k < vocab)
-        k_lim = tl.where(on_k, k, _INT32_MAX)
-        hi = tl.where(on_k, key_m + 1, lo + 1)
-        lo, cnt_lo, cnt_hi, mass_hi = _search(
-            row_base, row_ok, vocab, scale, m, y_floor, lo, hi, cnt_lo,
-            tl.zeros([ROWS], dtype=tl.int32), tl.zeros([ROWS], dtype=tl.float32),
-            k_lim, no_p, ROWS, BLOCK, PIVOTS, MAX_PASSES)
+        on_k = sampling & (k > 0) & (k < n_finite)  # else every finite token survives
+        lo, cnt_hi, mass_hi = _search(
+            row_base, row_ok, vocab, scale, m, y_floor, bmax_row, lo,
+            tl.where(on_k, key_m + 1, lo + 1), zero_cnt, zero_mass,
+            tl.where(on_k, k, no_k), no_p, True, HAS_TOP_P, ROWS, BLOCK, PIVOTS, MAX_PASSES)
+        quota_k = tl.where(on_k, k - cnt_hi, no_k)
         w_t = tl.exp2(_key_float(lo) - m)
-        quota_k = k_lim - cnt_hi
         total = tl.where(on_k, mass_hi + quota_k.to(tl.float32) * w_t, z)
         t_key = tl.where(on_k, lo, t_key)
         quota = tl.where(on_k, quota_k, quota)
@@ -224,16 +241,17 @@ def _sampling_kernel(
         p = tl.load(top_p_ptr + rows, mask=row_ok, other=1.0)
         on_p = sampling & (p < 1.0)
         p_mass = tl.where(on_p, p * total, no_p)
-        hi = tl.where(on_p, key_m + 1, lo + 1)
-        lo, cnt_lo, cnt_hi, mass_hi = _search(
-            row_base, row_ok, vocab, scale, m, y_floor, lo, hi, cnt_lo,
-            tl.zeros([ROWS], dtype=tl.int32), tl.zeros([ROWS], dtype=tl.float32),
-            k_lim, p_mass, ROWS, BLOCK, PIVOTS, MAX_PASSES)
-        w_t = tl.exp2(_key_float(lo) - m)
-        ties = (cnt_lo - cnt_hi).to(tl.float32)
-        need = tl.minimum(tl.maximum(tl.ceil((p_mass - mass_hi) / w_t), 1.0), ties)
-        quota_p = tl.minimum(need.to(tl.int32), k_lim - cnt_hi)
-        t_key = tl.where(on_p, lo, t_key)
+        lo_p = tl.where(on_k, lo, _float_key(y_floor))
+        # Above the top-k cut-off fewer than k tokens remain, so mass alone decides.
+        lo_p, _, mass_hi = _search(
+            row_base, row_ok, vocab, scale, m, y_floor, bmax_row, lo_p,
+            tl.where(on_p, key_m + 1, lo_p + 1), zero_cnt, zero_mass,
+            no_k, p_mass, False, True, ROWS, BLOCK, PIVOTS, MAX_PASSES)
+        w_t = tl.exp2(_key_float(lo_p) - m)
+        need = tl.minimum(tl.maximum(tl.ceil((p_mass - mass_hi) / w_t), 1.0), vocab * 1.0)
+        quota_p = tl.where(on_k & (lo_p == t_key), tl.minimum(need.to(tl.int32), quota_k),
+                           need.to(tl.int32))
+        t_key = tl.where(on_p, lo_p, t_key)
         quota = tl.where(on_p, quota_p, quota)
 
     # Pass 3: inverse CDF inside each block, reservoir sampling across blocks.
@@ -248,30 +266,35 @@ def _sampling_kernel(
     seen = tl.zeros([ROWS], dtype=tl.float32)
     tie_seen = tl.zeros([ROWS], dtype=tl.int32)
     for start in range(0, vocab, BLOCK):
-        cols = start + cols0
-        x, y = _load_scaled(row_base, row_ok, cols, vocab, scale)
-        key = _float_key(y)
-        w = tl.exp2(y - m[:, None])
-        tie = (key == t_key[:, None]).to(tl.int32)
-        tie_rank = tie_seen[:, None] + tl.cumsum(tie, axis=1) - tie
-        tie_seen += tl.sum(tie, axis=1)
-        kept = (key > t_key[:, None]) | ((tie == 1) & (tie_rank < quota[:, None]))
-        kept = kept & (w > 0.0)
+        block_y = tl.load(bmax_row + start // BLOCK, mask=sampling, other=float("-inf"))
+        useful = sampling & (_float_key(block_y) >= t_key)
         if HAS_MIN_P:
-            kept = kept & (w >= min_p[:, None])
-        wk = tl.where(kept, w, 0.0)
-        block_mass = tl.sum(wk, axis=1)
-        cdf = tl.cumsum(wk, axis=1)
-        block_id = (rows * 0 + start // BLOCK).to(tl.uint32)
-        r0, r1, _, _ = tl.philox(seed, block_id, step_lo, step_hi, stream)
-        target = _uniform(r0) * block_mass
-        idx = tl.min(tl.where(cdf > target[:, None], cols0[None, :], BLOCK), axis=1)
-        last = tl.max(tl.where(kept, cols0[None, :], -1), axis=1)
-        idx = tl.where(idx == BLOCK, last, idx)
-        earlier = seen
-        seen += block_mass
-        take = (block_mass > 0.0) & ((earlier == 0.0) | (_uniform(r1) * seen < block_mass))
-        pick = tl.where(take, start + idx, pick)
+            useful = useful & (tl.exp2(block_y - m) >= min_p)
+        if tl.max(useful.to(tl.int32)) > 0:
+            cols = start + cols0
+            x, y = _load_scaled(row_base, row_ok, cols, vocab, scale)
+            key = _float_key(y)
+            w = tl.exp2(y - m[:, None])
+            tie = (key == t_key[:, None]).to(tl.int32)
+            tie_rank = tie_seen[:, None] + tl.cumsum(tie, axis=1) - tie
+            tie_seen += tl.sum(tie, axis=1)
+            kept = (key > t_key[:, None]) | ((tie == 1) & (tie_rank < quota[:, None]))
+            kept = kept & (w > 0.0)
+            if HAS_MIN_P:
+                kept = kept & (w >= min_p[:, None])
+            wk = tl.where(kept, w, 0.0)
+            block_mass = tl.sum(wk, axis=1)
+            cdf = tl.cumsum(wk, axis=1)
+            block_id = (rows * 0 + start // BLOCK).to(tl.uint32)
+            r0, r1, _r2, _r3 = tl.philox(seed, block_id, step_lo, step_hi, stream)
+            target = _uniform(r0) * block_mass
+            idx = tl.min(tl.where(cdf > target[:, None], cols0[None, :], BLOCK), axis=1)
+            last = tl.max(tl.where(kept, cols0[None, :], -1), axis=1)
+            idx = tl.where(idx == BLOCK, last, idx)
+            earlier = seen
+            seen += block_mass
+            take = (block_mass > 0.0) & ((earlier == 0.0) | (_uniform(r1) * seen < block_mass))
+            pick = tl.where(take, start + idx, pick)
     token = tl.where(sampling & (pick >= 0), pick, best_idx)
     tl.store(tokens_ptr + rows, token.to(tl.int64), mask=row_ok)
     if WANT_LOGPROBS:
@@ -447,10 +470,12 @@ def sample(
     logprobs = torch.empty(batch if return_logprobs else 1, dtype=torch.float32,
                            device=logits.device)
     status = torch.empty(batch, dtype=torch.int32, device=logits.device)
+    n_blocks = triton.cdiv(vocab, block)
+    block_max = torch.empty(batch * n_blocks, dtype=torch.float32, device=logits.device)
     _sampling_kernel[(triton.cdiv(batch, rows),)](
         logits, logits.stride(0), batch, vocab,
         params.temperature, params.top_k, params.top_p, params.min_p, params.seed, params.step,
-        tokens, logprobs, status,
+        tokens, logprobs, status, block_max, n_blocks,
         HAS_TOP_K=params.has_top_k, HAS_TOP_P=params.has_top_p, HAS_MIN_P=params.has_min_p,
         SEED_PER_ROW=params.seed_per_row, WANT_LOGPROBS=return_logprobs,
         ROWS=rows, BLOCK=block, PIVOTS=16, MAX_PASSES=24, num_warps=num_warps,
