@@ -1,0 +1,164 @@
+"""Which sequences run in the next step, and which tokens of each.
+
+Continuous batching: every step is one flat batch holding one decode token for
+each running sequence, the next chunk of any prompt still being computed, and
+the first chunk of newly admitted sequences, bounded by
+``max_num_batched_tokens`` (chunked prefill). Sequences join and leave between
+steps.
+
+Memory is KV blocks (:class:`llm_engine._C.BlockManager`). A sequence is
+admitted only when the blocks for all its tokens are free (counting prefix-cache
+hits). When a running sequence needs a new block for its next token and none is
+free, the newest running sequence is preempted: its blocks are freed and it goes
+back to the front of the queue, to be recomputed (prompt and generated tokens)
+when admitted again. A request that cannot fit even alone is refused when it is
+added, so the engine never deadlocks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llm_engine._C import BlockManager
+from llm_engine.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: positions ``[starts[i], ends[i])`` of ``seqs[i]``.
+
+    ``sample[i]``: the chunk reaches the end of the sequence's tokens, so its last
+    position's logits give the sequence's next token. ``copies``: copy-on-write
+    block copies ``(src, dst)`` to perform on the K/V cache before the forward.
+    """
+
+    seqs: list[Sequence]
+    starts: np.ndarray  # int64 (n,)
+    ends: np.ndarray  # int64 (n,)
+    sample: np.ndarray  # bool (n,)
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.ends - self.starts).sum())
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence computes exactly one (its newest) token."""
+        return bool(np.all(self.ends - self.starts == 1)) and bool(np.all(self.starts > 0))
+
+
+class Scheduler:
+    """Admission, chunked prefill and preemption over one block manager."""
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last is the newest
+        self.num_preemptions = 0
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_manager.block_size)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence forked from a running one (it already holds shared blocks)."""
+        self.running.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a sequence that stopped or was aborted, wherever it is."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq.seq_id)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        items: list[tuple[Sequence, int, int]] = []  # (seq, start, end)
+        victims: list[Sequence] = []
+
+        # 1. One decode token per running sequence that has finished its prompt.
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            if seq.num_tokens - seq.num_computed_tokens == 1:
+                if seq.num_allocated_tokens < seq.num_tokens:
+                    if not self._make_room_for(seq, victims):
+                        break  # seq itself was the newest, so nothing after it remains
+                    self.block_manager.append_token(seq.seq_id, seq.token_ids[-1])
+                    seq.num_allocated_tokens += 1
+                items.append((seq, seq.num_computed_tokens, seq.num_tokens))
+                budget -= 1
+            i += 1
+        for seq in victims:  # newest first, so the oldest ends up at the front
+            self.waiting.appendleft(seq)
+
+        # 2. The next chunk of prompts being computed (chunked prefill).
+        for seq in self.running:
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if remaining > 1 and budget > 0:
+                take = min(remaining, budget)
+                items.append((seq, seq.num_computed_tokens, seq.num_computed_tokens + take))
+                budget -= take
+
+        # 3. Admit waiting sequences while tokens, sequence slots and blocks allow.
+        while self.waiting and budget > 0 and not victims:
+            seq = self.waiting[0]
+            slots = 1 if seq.request.forked else seq.params.n
+            if self.running and len(self.running) + slots > self.max_num_seqs:
+                break
+            if not self.block_manager.can_allocate_tokens(seq.token_ids):
+                break
+            self.waiting.popleft()
+            cached = self.block_manager.allocate(seq.seq_id, seq.token_ids)
+            seq.status = Status.RUNNING
+            seq.num_computed_tokens = cached
+            seq.num_allocated_tokens = seq.num_tokens
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.num_cached_tokens = cached
+            self.running.append(seq)
+            take = min(seq.num_tokens - cached, budget)
+            items.append((seq, cached, cached + take))
+            budget -= take
+
+        seqs = [it[0] for it in items]
+        starts = np.fromiter((it[1] for it in items), dtype=np.int64, count=len(items))
+        ends = np.fromiter((it[2] for it in items), dtype=np.int64, count=len(items))
+        totals = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=len(items))
+        return ScheduledBatch(
+            seqs=seqs,
+            starts=starts,
+            ends=ends,
+            sample=ends == totals,
+            copies=self.block_manager.take_pending_copies(),
+            num_preempted=len(victims),
+        )
+
+    def _make_room_for(self, seq: Sequence, victims: list[Sequence]) -> bool:
+        """Preempt the newest running sequences until ``seq`` can append its next token.
+        False when ``seq`` itself had to be preempted."""
+        while not self.block_manager.can_append(seq.seq_id):
+            victim = self.running.pop()
+            self.block_manager.free(victim.seq_id)
+            victim.status = Status.WAITING
+            victim.num_computed_tokens = 0
+            victim.num_allocated_tokens = 0
+            victims.append(victim)
+            self.num_preemptions += 1
+            if victim is seq:
+                return False
+        return True
