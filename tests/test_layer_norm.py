@@ -116,11 +116,17 @@ def _check_against_references(norm, shape, dtype, has_bias, has_residual, *, eps
 
 
 @pytest.mark.parametrize("norm,has_bias,has_residual", VARIANTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("rows,hidden", SHAPES)
-def test_forward_and_gradients_match_references(rows, hidden, dtype, norm, has_bias,
-                                                has_residual):
-    _check_against_references(norm, (rows, hidden), dtype, has_bias, has_residual)
+def test_fp32_forward_and_gradients_match_references(rows, hidden, norm, has_bias, has_residual):
+    _check_against_references(norm, (rows, hidden), torch.float32, has_bias, has_residual)
+
+
+# fp16 shares the code paths checked above; the interpreter is slow, so fewer variants.
+@pytest.mark.parametrize("norm,has_bias,has_residual",
+                         [("layer", True, True), ("layer", False, False), ("rms", False, True)])
+@pytest.mark.parametrize("rows,hidden", SHAPES)
+def test_fp16_forward_and_gradients_match_references(rows, hidden, norm, has_bias, has_residual):
+    _check_against_references(norm, (rows, hidden), torch.float16, has_bias, has_residual)
 
 
 @pytest.mark.parametrize("norm", ["layer", "rms"])
