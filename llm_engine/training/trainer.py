@@ -288,19 +288,30 @@ class Trainer:
         return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def sample(self) -> list[str]:
-        """Continuations of ``self.prompts`` through the generation API (greedy-free, seeded)."""
-        if not self.prompts or self.cfg.num_samples <= 0:
+        """Continuations of the first ``num_samples`` prompts through the generation API
+        (temperature 0.8, seeded), with a KV cache sized for just these requests."""
+        prompts = self.prompts[:self.cfg.num_samples]
+        if not prompts:
             return []
         from llm_engine import LLM, SamplingParams
+        from llm_engine.engine.model_runner import kv_bytes_per_block
 
+        block = 16
+        longest = max(len(self.tokenizer.encode(p)) for p in prompts) + self.cfg.sample_tokens
+        blocks = len(prompts) * (longest // block + 2)
+        dtype = next(self.model.parameters()).dtype
         self.model.eval()
         try:
-            llm = LLM.from_modules(self.model, self.tokenizer)
-            params = SamplingParams(temperature=0.8, max_tokens=self.cfg.sample_tokens, seed=0)
-            outputs = llm.generate(self.prompts[:self.cfg.num_samples], params)
+            llm = LLM.from_modules(self.model, self.tokenizer, enforce_eager=True,
+                                   block_size=block, max_num_seqs=len(prompts),
+                                   kv_cache_memory=blocks * kv_bytes_per_block(self.model, block,
+                                                                               dtype))
+            params = [SamplingParams(temperature=0.8, max_tokens=self.cfg.sample_tokens, seed=i)
+                      for i in range(len(prompts))]
+            outputs = llm.generate(prompts, params, use_tqdm=False)
         finally:
             self.model.train()
-        return [p + o.outputs[0].text for p, o in zip(self.prompts, outputs, strict=False)]
+        return [p + o.outputs[0].text for p, o in zip(prompts, outputs, strict=True)]
 
     # -- checkpoints and logs ------------------------------------------------------------
     def save(self) -> Path:
