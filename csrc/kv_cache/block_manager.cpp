@@ -9,7 +9,16 @@ namespace llm_engine {
 namespace {
 
 constexpr uint64_t kRootHash = 0x84222325cbf29ce4ULL;  // parent hash of a sequence's first block
-constexpr uint64_t kFnvPrime = 0x100000001b3ULL;
+constexpr uint64_t kLaneSeed = 0x9e3779b97f4a7c15ULL;
+constexpr uint64_t kMulA = 0x9fb21c651e98df25ULL;
+constexpr uint64_t kMulB = 0xc2b2ae3d27d4eb4fULL;
+
+inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+inline uint64_t pack(int32_t lo, int32_t hi) {
+  return static_cast<uint64_t>(static_cast<uint32_t>(lo)) |
+         (static_cast<uint64_t>(static_cast<uint32_t>(hi)) << 32);
+}
 
 // splitmix64 finaliser: spreads every input bit over the whole word.
 inline uint64_t mix64(uint64_t x) {
@@ -74,11 +83,17 @@ const BlockManager::Sequence& BlockManager::get(int64_t seq_id) const {
 }
 
 uint64_t BlockManager::hash_block(uint64_t parent, const int32_t* tokens) const {
-  uint64_t h = mix64(parent);
-  for (int64_t i = 0; i < block_size_; ++i) {
-    h = (h ^ static_cast<uint32_t>(tokens[i])) * kFnvPrime;
+  // Two independent multiply-rotate lanes over pairs of tokens (short
+  // dependency chains), folded with the parent's hash by the final mix.
+  uint64_t a = mix64(parent);
+  uint64_t b = a ^ kLaneSeed;
+  int64_t i = 0;
+  for (; i + 4 <= block_size_; i += 4) {
+    a = rotl((a ^ pack(tokens[i], tokens[i + 1])) * kMulA, 29);
+    b = rotl((b ^ pack(tokens[i + 2], tokens[i + 3])) * kMulB, 31);
   }
-  return mix64(h);
+  for (; i < block_size_; ++i) a = rotl((a ^ static_cast<uint32_t>(tokens[i])) * kMulA, 29);
+  return mix64(a ^ rotl(b, 17));
 }
 
 BlockManager::PrefixMatch BlockManager::match_prefix(const int32_t* tokens, size_t n) const {
