@@ -60,10 +60,10 @@ def _bytes(variant: str, mode: str, rows: int, hidden: int, elem: int, w_elem: i
     residual = variant.endswith("+residual")
     ln = variant == "layer_norm"
     act = rows * hidden * elem
-    params = hidden * w_elem * (2 if ln else 1)
     stats = rows * 4 * (2 if ln else 1)
-    fwd = act * (2 + 2 * residual) + params + stats
-    bwd = act * (3 + residual) + 2 * params + stats
+    # forward reads weight (and bias); backward reads weight, writes dweight (and dbias)
+    fwd = act * (2 + 2 * residual) + hidden * w_elem * (2 if ln else 1) + stats
+    bwd = act * (3 + residual) + hidden * w_elem * (3 if ln else 2) + stats
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
