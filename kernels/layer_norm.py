@@ -48,9 +48,9 @@ def _warp_configs() -> list[triton.Config]:
 
 
 def _prune_warps(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep warp counts that give each thread between 2 and 64 elements of the tile."""
+    """Keep warp counts that give each thread between 4 and 32 elements of the tile."""
     tile = kwargs["ROWS"] * kwargs["BLOCK_N"]
-    kept = [c for c in configs if 2 <= tile / (32 * c.num_warps) <= 64]
+    kept = [c for c in configs if 4 <= tile / (32 * c.num_warps) <= 32]
     return kept or [min(configs, key=lambda c: c.num_warps)]
 
 
@@ -291,7 +291,7 @@ def _norm_bwd_kernel(
 def _sum_configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_G": 64, "BLOCK_COLS": 32}, num_warps=1)]
-    shapes = ((32, 128, 4), (64, 64, 4), (128, 32, 4), (128, 16, 4), (256, 16, 8), (64, 32, 2))
+    shapes = ((32, 128, 4), (64, 64, 4), (128, 32, 4), (256, 16, 8))
     return [triton.Config({"BLOCK_G": g, "BLOCK_COLS": c}, num_warps=w) for g, c, w in shapes]
 
 
