@@ -221,6 +221,21 @@ def test_append_tokens_is_all_or_nothing(make):
     assert list(bm.append_tokens([3], [9])) == [2 * BS + 1]
 
 
+def test_num_blocks_to_append_counts_full_and_shared_last_blocks(make):
+    bm = make(8, BS)
+    bm.allocate(1, [1, 2, 3, 4])  # full: needs a block
+    bm.allocate(2, [1, 2])  # room left: none
+    bm.fork(2, 3)  # 2 and 3 share a partial block: each needs a copy
+    assert bm.num_blocks_to_append([1, 2]) == 2
+    assert bm.num_blocks_to_append([1, 2, 3]) == 3
+    bm.append_tokens([2], [5])  # 2 copies away; 3 now holds its block alone
+    assert bm.num_blocks_to_append([1, 2, 3]) == 1
+    with pytest.raises(ValueError):
+        bm.num_blocks_to_append([1, 1])
+    with pytest.raises(KeyError):
+        bm.num_blocks_to_append([9])
+
+
 def test_unknown_ids_and_double_free_raise_key_error(make):
     bm = make(4, BS)
     bm.allocate(1, [1])

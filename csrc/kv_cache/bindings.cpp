@@ -197,6 +197,15 @@ out-of-range positions, duplicate ids in a batch; ``OutOfBlocksError`` (a
           "Batched append_token (one token per distinct sequence). Returns int64 slots (n,).\n"
           "All-or-nothing: raises before changing anything if an id is unknown or repeated\n"
           "or the blocks needed are not free.")
+      .def(
+          "num_blocks_to_append",
+          [](const BlockManager& bm, const py::object& seq_ids) {
+            IntBuffer<int64_t> ids(seq_ids, "seq_ids");
+            return bm.num_blocks_to_append(ids.data(), ids.size());
+          },
+          py::arg("seq_ids"),
+          "New blocks append_tokens(seq_ids, ...) would take now (ids distinct); a scheduler\n"
+          "preempts sequences until this is <= num_free_blocks.")
       .def("can_append", &BlockManager::can_append, py::arg("seq_id"),
            "Whether append_token(seq_id, ...) would find the block it needs.")
       .def("fork", &BlockManager::fork, py::arg("parent_id"), py::arg("child_id"),
@@ -258,6 +267,14 @@ Returns ``(slot_mapping, block_tables, context_lens)``:
 Full blocks completed by this step are registered for prefix caching (their K/V
 is written in this step's forward, before any later request can hit them).
 )doc")
+      .def("__repr__",
+           [](const BlockManager& bm) {
+             return "BlockManager(num_blocks=" + std::to_string(bm.num_blocks()) +
+                    ", block_size=" + std::to_string(bm.block_size()) +
+                    ", free=" + std::to_string(bm.num_free_blocks()) +
+                    ", cached=" + std::to_string(bm.num_evictable_blocks()) +
+                    ", sequences=" + std::to_string(bm.num_sequences()) + ")";
+           })
       .def("ref_count", &BlockManager::ref_count, py::arg("block_id"),
            "Number of sequences holding block_id (IndexError if out of range).")
       .def("__contains__", &BlockManager::contains, py::arg("seq_id"))

@@ -224,6 +224,21 @@ bool BlockManager::can_append(int64_t seq_id) const {
   return !needs_block(get(seq_id)) || num_free_blocks() > 0;
 }
 
+int64_t BlockManager::num_blocks_to_append(const int64_t* seq_ids, size_t n) const {
+  const uint64_t stamp = ++batch_stamp_;
+  int64_t needed = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const Sequence& seq = get(seq_ids[i]);
+    if (seq.stamp == stamp) {
+      throw std::invalid_argument("num_blocks_to_append: " + seq_str(seq_ids[i]) +
+                                  " appears twice in seq_ids");
+    }
+    seq.stamp = stamp;
+    needed += needs_block(seq) ? 1 : 0;
+  }
+  return needed;
+}
+
 void BlockManager::append_tokens(const int64_t* seq_ids, const int32_t* tokens, size_t n,
                                  int64_t* slots) {
   const uint64_t stamp = ++batch_stamp_;

@@ -131,6 +131,9 @@ class BlockManager {
   int64_t append_token(int64_t seq_id, int64_t token);
   // Whether `append_token(seq_id, ...)` would find the block it needs.
   bool can_append(int64_t seq_id) const;
+  // New blocks append_tokens(seq_ids, ...) would take now (ids distinct): a
+  // scheduler preempts until this is <= num_free_blocks().
+  int64_t num_blocks_to_append(const int64_t* seq_ids, size_t n) const;
   // Appends tokens[i] to seq_ids[i] for every i (ids distinct), writing slots[i].
   // All-or-nothing: checks the ids and the blocks needed before changing anything.
   void append_tokens(const int64_t* seq_ids, const int32_t* tokens, size_t n, int64_t* slots);

@@ -211,6 +211,12 @@ class PyBlockManager:
     def can_append(self, seq_id: int) -> bool:
         return not self._needs_block(self._get(seq_id)) or self.num_free_blocks > 0
 
+    def num_blocks_to_append(self, seq_ids: Sequence[int]) -> int:
+        seqs = [self._get(int(s)) for s in seq_ids]
+        if len(set(map(id, seqs))) != len(seqs):
+            raise ValueError("num_blocks_to_append: a sequence id appears twice in seq_ids")
+        return sum(self._needs_block(s) for s in seqs)
+
     def append_tokens(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         if len(seq_ids) != len(token_ids):
             raise ValueError("seq_ids and token_ids must have the same length")
