@@ -41,6 +41,12 @@ _BWD_ELEMENTS_PER_SM = 16384
 _INTERPRETER_BWD_PROGRAMS = 4
 
 
+def _tuning_bench(kernel_call, quantiles):
+    """Autotuning benchmark: shorter than Triton's default (25 ms warm-up, 100 ms of
+    repeats per config), since every hidden size and variant is tuned on first use."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 def _warp_configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({}, num_warps=1)]
@@ -58,6 +64,7 @@ def _prune_warps(configs: list[triton.Config], named_args: dict, **kwargs) -> li
     configs=_warp_configs(),
     key=["N", "ROWS", "BLOCK_N", "IS_RMS", "HAS_BIAS", "HAS_RESIDUAL"],
     prune_configs_by={"early_config_prune": _prune_warps},
+    do_bench=_tuning_bench,
 )
 @triton.jit
 def _norm_fwd_kernel(
@@ -169,6 +176,7 @@ def _bwd_tile_loads(X, DY, Mean, Rstd, rows, row_end, cols, col_mask, stride_x, 
     configs=_warp_configs(),
     key=["N", "ROWS", "BLOCK_N", "IS_RMS", "HAS_BIAS", "HAS_DH"],
     prune_configs_by={"early_config_prune": _prune_warps},
+    do_bench=_tuning_bench,
 )
 @triton.jit
 def _norm_bwd_kernel(
@@ -307,7 +315,7 @@ def _sum_columns(P, OUT, pid, G, N, BLOCK_G: tl.constexpr, BLOCK_COLS: tl.conste
     tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
 
 
-@triton.autotune(configs=_sum_configs(), key=["G", "N", "HAS_BIAS"])
+@triton.autotune(configs=_sum_configs(), key=["G", "N", "HAS_BIAS"], do_bench=_tuning_bench)
 @triton.jit
 def _sum_partials_kernel(PW, PB, DW, DB, G, N, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr,
                          BLOCK_COLS: tl.constexpr):
