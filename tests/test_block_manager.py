@@ -311,6 +311,12 @@ def test_prepare_step_rejects_positions_outside_the_sequence(make, starts, ends)
         bm.prepare_step([1], starts, ends)
 
 
+def test_prepare_step_on_an_empty_batch_returns_empty_arrays(make):
+    bm = make(4, BS)
+    slots, tables, lens = bm.prepare_step([], [], [])
+    assert slots.shape == (0,) and tables.shape == (0, 0) and lens.shape == (0,)
+
+
 def test_prepare_step_rejects_duplicates_and_narrow_tables(make):
     bm = make(16, BS)
     bm.allocate(1, list(range(10)))
@@ -422,7 +428,7 @@ def test_exceptions_have_specific_types():
         bm.allocate(1, list(range(BS + 1)))
 
 
-@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.int16])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint8, np.int16, ">i4", ">i8"])
 def test_token_ids_accept_integer_arrays(dtype):
     bm = BlockManager(8, BS)
     prompt = np.arange(9, dtype=dtype)

@@ -40,8 +40,7 @@ class IntBuffer {
         throw py::value_error(std::string(name) + " must be 1-D, got shape " +
                               std::string(py::str(obj.attr("shape"))));
       }
-      if (kind == 'i' && arr.itemsize() == sizeof(T) &&
-          (arr.flags() & py::array::c_style)) {
+      if (py::isinstance<py::array_t<T, py::array::c_style>>(obj)) {  // native order and width
         keep_ = arr;
         data_ = static_cast<const T*>(arr.data());
         size_ = static_cast<size_t>(arr.shape(0));
