@@ -134,7 +134,8 @@ def _attn_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Last query blocks first: under a causal mask they have the most key blocks to visit.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
     q_start = tl.load(CU_Q + seq)
@@ -323,7 +324,8 @@ def _attn_bwd_dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Last query blocks first: under a causal mask they have the most key blocks to visit.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
     q_start = tl.load(CU_Q + seq)
@@ -365,31 +367,62 @@ def _attn_bwd_dq_kernel(
 # --------------------------------------------------------------------------- autotuning
 
 
-def _configs(cuda_configs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU; one small config in the interpreter."""
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, chosen per problem class: 16-bit
+# inputs with head_dim <= 64, 16-bit with 96/128 (128-wide tiles), and fp32 (full-precision
+# dots, twice the shared memory per tile). The 16-bit sets target Hopper (wgmma, 228 KB of
+# shared memory): picked from the sm_90 compiler's register and spill report, they fit
+# without spills for one query head per K/V head (the dK/dV loop over a grouped-query
+# group adds some pressure; at head_dim 128 it spills a little).
+_TUNING: dict[str, dict[str, list[tuple[int, int, int, int]]]] = {
+    "fwd": {
+        "d64": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
+                (128, 128, 8, 2)],
+        "d128": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4),
+                 (64, 64, 4, 3)],
+        "fp32": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
+    },
+    "dkdv": {
+        "d64": [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3)],
+        "d128": [(64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3)],
+        "fp32": [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
+    },
+    "dq": {
+        "d64": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+        "d128": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
+        "fp32": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
+    },
+}
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)
+
+
+def _problem_class(q_dtype: torch.dtype, block_d: int) -> str:
+    if q_dtype == torch.float32:
+        return "fp32"
+    return "d64" if block_d <= 64 else "d128"
+
+
+def _autotuned(kernel, table: dict[str, list[tuple[int, int, int, int]]]):
+    """Autotune ``kernel`` over the configs of its problem class (one config in the interpreter)."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in cuda_configs]
+        return triton.autotune([_INTERPRETER_CONFIG], key=_TUNE_KEY)(kernel)
+    entries = list(dict.fromkeys(e for cls in table.values() for e in cls))
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in entries]
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        wanted = table[_problem_class(args["Q"].dtype, args["BLOCK_D"])]
+        return [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+
+    return triton.autotune(configs, key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 _TUNE_KEY = ["seqlen_key", "HEAD_DIM", "CAUSAL", "GROUP"]
-
-_fwd = triton.autotune(
-    _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
-              (128, 128, 8, 2), (64, 64, 4, 3)]),
-    key=_TUNE_KEY,
-)(_attn_fwd_kernel)
-
-_bwd_dkdv = triton.autotune(
-    _configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3)]),
-    key=_TUNE_KEY,
-)(_attn_bwd_dkdv_kernel)
-
-_bwd_dq = triton.autotune(
-    _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 3)]),
-    key=_TUNE_KEY,
-)(_attn_bwd_dq_kernel)
+_fwd = _autotuned(_attn_fwd_kernel, _TUNING["fwd"])
+_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, _TUNING["dkdv"])
+_bwd_dq = _autotuned(_attn_bwd_dq_kernel, _TUNING["dq"])
 
 
 # --------------------------------------------------------------------------- launchers
