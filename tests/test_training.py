@@ -193,6 +193,17 @@ def test_fused_and_plain_loss_agree_on_a_step(tmp_path, tokenizer):
     assert fused["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
 
 
+def test_activation_checkpointing_gives_the_same_step(tmp_path, tokenizer):
+    plain = _trainer(tmp_path / "a", tokenizer)
+    recomputed = _trainer(tmp_path / "b", tokenizer, gradient_checkpointing=True)
+    assert recomputed.model.gradient_checkpointing
+    a, b = plain.train_step(), recomputed.train_step()
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    for (name, p), q in zip(plain.model.named_parameters(), recomputed.model.parameters(),
+                            strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_resume_from_checkpoint_is_bitwise_identical(tmp_path, tokenizer):
     straight = _trainer(tmp_path / "straight", tokenizer, grad_accum=2)
     for _ in range(6):
@@ -341,3 +352,52 @@ def test_torchrun_two_processes_match_one_with_the_same_global_batch(tmp_path):
     np.testing.assert_allclose(train[1], train[0], rtol=1e-4)
     np.testing.assert_allclose(val[1], val[0], rtol=1e-4)
     assert val[0][-1] < val[0][0]
+
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "The capital of France is Paris."}],
+    [{"role": "system", "content": "You answer with one word."},
+     {"role": "user", "content": "What colour is the sky?"},
+     {"role": "assistant", "content": "Blue."}],
+    [{"role": "user", "content": "Say hello to Ada."},
+     {"role": "assistant", "content": "Hello, Ada! Nice to meet you."},
+     {"role": "user", "content": "And goodbye."},
+     {"role": "assistant", "content": "Goodbye, Ada."}],
+    [{"role": "user", "content": "2 + 2 = ?"},
+     {"role": "assistant", "content": "2 + 2 = 4."}],
+]
+
+
+@pytest.mark.slow
+def test_sft_on_smollm2_lowers_the_loss_of_its_chat_examples(tmp_path):
+    from llm_engine.loader import load_model
+
+    model, tokenizer = load_model("smollm2", device="cpu", dtype=torch.float32)
+    examples = data_lib.build_sft_examples(CHATS, tokenizer, seq_len=64)
+    assert (examples.targets != data_lib.IGNORE_INDEX).sum() < (examples.inputs != 0).sum() / 2
+    cfg = TrainConfig.from_preset("smollm2-sft", out_dir=str(tmp_path), steps=2, batch_size=4,
+                                  seq_len=64, lr=2e-4, warmup_steps=1, eval_examples=4,
+                                  progress=False)
+    trainer = Trainer(cfg, model, tokenizer, examples, examples, device="cpu")
+    before = trainer.evaluate()["val_loss"]
+    for _ in range(cfg.steps):
+        trainer.train_step()
+    after = trainer.evaluate()["val_loss"]
+    assert after < before - 0.2, (before, after)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_steps_with_the_fused_kernel_match_the_plain_loss_and_learn(tmp_path, tokenizer):
+    def cuda_trainer(out: str, fused: bool) -> Trainer:
+        cfg = TrainConfig(out_dir=str(tmp_path / out), steps=30, batch_size=8, seq_len=16,
+                          lr=1e-2, warmup_steps=2, eval_every=0, ckpt_every=0, eval_examples=16,
+                          num_samples=0, progress=False, fused_loss=fused, device="cuda")
+        return Trainer(cfg, _model(), tokenizer, _windows(), _windows(seed=1), device="cuda")
+
+    fused, plain = cuda_trainer("fused", True), cuda_trainer("plain", False)
+    assert fused.train_step()["loss"] == pytest.approx(plain.train_step()["loss"], rel=1e-2)
+    before = fused.evaluate()["val_loss"]
+    for _ in range(29):
+        fused.train_step()
+    assert fused.evaluate()["val_loss"] < before - 0.5

@@ -405,8 +405,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step",
                    disable=not (cfg.progress and self.dist.is_main), file=sys.stderr)
         try:
-            if cfg.eval_every > 0 or self.step >= cfg.steps:
-                evals.append(self._eval_and_log())
+            evals.append(self._eval_and_log())
             while self.step < cfg.steps:
                 metrics = self.train_step()
                 bar.update(1)
