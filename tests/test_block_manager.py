@@ -455,3 +455,28 @@ def test_token_ids_reject_floats_and_out_of_range_values():
     with pytest.raises(ValueError):
         bm.append_token(1, 2**31)
     assert bm.num_tokens(1) == 1
+
+
+def test_cpp_and_python_managers_agree_under_cache_churn():
+    """Many registrations and evictions (block_size 1, a small vocabulary): the prefix
+    cache's table fills, evicts and refills while both managers stay identical."""
+    rng = np.random.default_rng(1)
+    managers = [BlockManager(200, 1), PyBlockManager(200, 1)]
+    outputs: list[list] = [[], []]
+    workload = []
+    for _ in range(300):
+        workload.append(rng.integers(0, 3, size=int(rng.integers(2, 40))).tolist())
+    for out, bm in zip(outputs, managers, strict=True):
+        live: list[int] = []
+        for seq, prompt in enumerate(workload):
+            while not bm.can_allocate_tokens(prompt):
+                bm.free(live.pop(0))
+            cached = bm.allocate(seq, prompt)
+            out.append(cached)
+            out.append(bm.prepare_step([seq], [cached], [len(prompt)])[0].tolist())
+            live.append(seq)
+            if seq % 4 == 0:
+                bm.free(live.pop(0))
+        out.append((bm.num_free_blocks, bm.num_evictable_blocks, bm.prefix_hits))
+    assert outputs[0] == outputs[1]
+    assert managers[0].prefix_hits > 0

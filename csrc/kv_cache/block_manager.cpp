@@ -44,9 +44,60 @@ int32_t checked_token(int64_t token) {
   return static_cast<int32_t>(token);
 }
 
+BlockHashTable::BlockHashTable(size_t max_entries) {
+  size_t capacity = 16;
+  while (capacity < 2 * max_entries) capacity *= 2;
+  keys_.assign(capacity, 0);
+  blocks_.assign(capacity, -1);
+  mask_ = capacity - 1;
+}
+
+int32_t BlockHashTable::find(uint64_t key) const {
+  for (size_t i = home(key);; i = (i + 1) & mask_) {
+    if (blocks_[i] < 0) return -1;
+    if (keys_[i] == key) return blocks_[i];
+  }
+}
+
+bool BlockHashTable::insert(uint64_t key, int32_t block) {
+  size_t i = home(key);
+  for (; blocks_[i] >= 0; i = (i + 1) & mask_) {
+    if (keys_[i] == key) return false;
+  }
+  if (2 * (size_ + 1) > keys_.size()) throw std::logic_error("BlockHashTable: over capacity");
+  keys_[i] = key;
+  blocks_[i] = block;
+  ++size_;
+  return true;
+}
+
+void BlockHashTable::erase(uint64_t key) {
+  size_t hole = home(key);
+  while (keys_[hole] != key || blocks_[hole] < 0) {
+    if (blocks_[hole] < 0) throw std::logic_error("BlockHashTable: erasing a missing key");
+    hole = (hole + 1) & mask_;
+  }
+  // Backward shift: move later entries of the probe run into the hole unless
+  // their home slot lies cyclically in (hole, j], where they must stay.
+  for (size_t j = (hole + 1) & mask_; blocks_[j] >= 0; j = (j + 1) & mask_) {
+    const size_t h = home(keys_[j]);
+    const bool stays = hole < j ? (hole < h && h <= j) : (hole < h || h <= j);
+    if (!stays) {
+      keys_[hole] = keys_[j];
+      blocks_[hole] = blocks_[j];
+      hole = j;
+    }
+  }
+  blocks_[hole] = -1;
+  --size_;
+}
+
 BlockManager::BlockManager(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching)
     : num_blocks_(num_blocks), block_size_(block_size),
-      enable_prefix_caching_(enable_prefix_caching) {
+      enable_prefix_caching_(enable_prefix_caching),
+      cached_(enable_prefix_caching && num_blocks > 0 && num_blocks < (int64_t{1} << 31)
+                  ? static_cast<size_t>(num_blocks)
+                  : 0) {
   if (num_blocks <= 0 || num_blocks >= std::numeric_limits<int32_t>::max()) {
     throw std::invalid_argument("num_blocks must be in [1, 2^31 - 1), got " +
                                 std::to_string(num_blocks));
@@ -66,7 +117,6 @@ BlockManager::BlockManager(int64_t num_blocks, int64_t block_size, bool enable_p
     block_hash_.assign(nb, 0);
     registered_.assign(nb, 0);
     block_tokens_.assign(nb * static_cast<size_t>(block_size), 0);
-    cached_.reserve(nb);
   }
 }
 
@@ -105,9 +155,8 @@ BlockManager::PrefixMatch BlockManager::match_prefix(const int32_t* tokens, size
   for (size_t i = 0; i < max_blocks; ++i) {
     const int32_t* block_tokens = tokens + i * bs;
     const uint64_t h = hash_block(match.chain_hash, block_tokens);
-    auto it = cached_.find(h);
-    if (it == cached_.end()) break;
-    const int32_t b = it->second;
+    const int32_t b = cached_.find(h);
+    if (b < 0) break;
     if (std::memcmp(&block_tokens_[static_cast<size_t>(b) * bs], block_tokens,
                     bs * sizeof(int32_t)) != 0) {
       break;  // hash collision: never serve another prefix's K/V
@@ -362,7 +411,7 @@ void BlockManager::register_full_blocks(Sequence& seq, int64_t computed_tokens) 
     const auto ub = static_cast<size_t>(b);
     // A block already registered keeps its entry; a hash already taken by an
     // identical block (or a colliding one) leaves this block unregistered.
-    if (!registered_[ub] && cached_.emplace(h, b).second) {
+    if (!registered_[ub] && cached_.insert(h, b)) {
       registered_[ub] = 1;
       block_hash_[ub] = h;
       std::memcpy(&block_tokens_[ub * bs], tokens, bs * sizeof(int32_t));

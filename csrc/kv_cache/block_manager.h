@@ -111,6 +111,30 @@ class SharedVector {
   std::shared_ptr<std::vector<T>> data_;
 };
 
+// Open-addressing hash table from a block's chained hash to its block id:
+// linear probing over a power-of-two array at most half full (it holds at
+// most `max_entries`), deletion by backward shift (no tombstones). Keys are
+// already well-mixed hashes, so their low bits pick the home slot.
+class BlockHashTable {
+ public:
+  explicit BlockHashTable(size_t max_entries);
+  // The block registered under `key`, or -1.
+  int32_t find(uint64_t key) const;
+  // Registers block under key; false (and no change) if key is present.
+  bool insert(uint64_t key, int32_t block);
+  // Removes key, which must be present.
+  void erase(uint64_t key);
+  size_t size() const { return size_; }
+
+ private:
+  size_t home(uint64_t key) const { return static_cast<size_t>(key) & mask_; }
+
+  std::vector<uint64_t> keys_;
+  std::vector<int32_t> blocks_;  // -1: empty slot
+  size_t mask_ = 0;
+  size_t size_ = 0;
+};
+
 class BlockManager {
  public:
   BlockManager(int64_t num_blocks, int64_t block_size, bool enable_prefix_caching);
@@ -224,7 +248,7 @@ class BlockManager {
   std::vector<int32_t> ref_counts_;
   std::vector<int32_t> free_stack_;  // ref 0, unregistered; popped from the back
   // Registered blocks: hash -> block, the block's hash and its token ids.
-  std::unordered_map<uint64_t, int32_t> cached_;
+  BlockHashTable cached_;
   std::vector<uint64_t> block_hash_;
   std::vector<uint8_t> registered_;
   std::vector<int32_t> block_tokens_;  // num_blocks * block_size
