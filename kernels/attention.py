@@ -35,6 +35,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ._utils import (
     FLOAT_DTYPES,
@@ -505,6 +506,7 @@ class _FlashAttentionVarlen(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
         dq, dk, dv = _backward(do.contiguous(), q, k, v, o, lse, cu_q, cu_k, *ctx.args)
