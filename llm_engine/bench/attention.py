@@ -14,6 +14,14 @@ forward+backward), halved when causal. Implementations:
 - ``flash-attn`` (FlashAttention-2 package) and ``flash-attn-3`` (its Hopper
   interface) when importable; a row with a note says when not.
 
+A second family of cases is the model's own use: SmolLM2's attention shape (9
+query heads over 3 K/V heads, head_dim 64), causal, 16384 tokens packed as
+ragged sequences of lengths uniform in [seqlen/2, seqlen] (``seqlen`` is the
+longest), through ``flash_attention_varlen``; FLOPs count each sequence's own
+length. The references there are ``flash-attn``'s varlen function when
+importable and ``sdpa-<backend> (padded)``: the batch padded to the longest
+sequence and K/V heads repeated (both timed) before one dense SDPA call.
+
 Each row's ``rel_err`` is against an fp32 reference computed a few heads at a
 time (materialised scores): the output for forward rows, the concatenated
 dq/dk/dv for forward+backward rows. On CPU (quick) one tiny shape runs: the
@@ -31,13 +39,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llm_engine.bench.common import OURS, Ceilings, Row, rel_error, time_ms
 from llm_engine.kernels._utils import interpreting
-from llm_engine.kernels.attention import attention_reference, flash_attention
+from llm_engine.kernels.attention import (
+    attention_reference,
+    attention_varlen_reference,
+    flash_attention,
+    flash_attention_varlen,
+)
 
 SUITE = "attention"
 TOKENS = 16384
 HIDDEN = 2048
 MATH_SCORES_CAP = 1 << 30  # sdpa-math materialises batch·heads·T² scores
 REFERENCE_CHUNK = 1 << 28  # scores per reference chunk (fp32: 1 GiB)
+VARLEN_HEADS, VARLEN_KV_HEADS, VARLEN_HEAD_DIM = 9, 3, 64  # SmolLM2-135M
 
 Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
@@ -170,6 +184,99 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
                 continue
             yield from _measure(name, attn, *common, note)
         del q, k, v, grad_out, ref_out, ref_grads, common
+        if cuda:
+            torch.cuda.empty_cache()
+    yield from _varlen_rows(device, quick, dtype, ours_note, sdpa)
+
+
+def _varlen_lengths(max_len: int, tokens: int, seed: int = 0) -> list[int]:
+    """Ragged lengths uniform in [max_len/2, max_len] summing to ``tokens`` (first is max_len)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [max_len]
+    while sum(lengths) < tokens:
+        lengths.append(int(torch.randint(max_len // 2, max_len + 1, (1,), generator=gen)))
+    lengths[-1] -= sum(lengths) - tokens
+    return [n for n in lengths if n > 0]
+
+
+def _padded_sdpa(backend: SDPBackend, lengths: list[int], device: str) -> Attn:
+    """Dense SDPA over the batch padded to the longest sequence (right padding keeps
+    causal outputs of real tokens exact); K/V heads repeated for the dense kernels."""
+    max_len = max(lengths)
+    idx = torch.cat([torch.arange(n) + i * max_len for i, n in enumerate(lengths)]).to(device)
+    dense = _sdpa(backend)
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(len(lengths) * max_len, *x.shape[1:]).index_copy(0, idx, x)
+        return out.view(len(lengths), max_len, *x.shape[1:])
+
+    def attn(q, k, v, causal):
+        group = q.shape[1] // k.shape[1]
+        k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+        out = dense(pad(q), pad(k), pad(v), causal)
+        return out.reshape(-1, *q.shape[1:]).index_select(0, idx)
+    return attn
+
+
+def _varlen_rows(device: str, quick: bool, dtype: torch.dtype, ours_note: str,
+                 sdpa: list[tuple[str, SDPBackend]]) -> Iterator[Row]:
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        max_lens = (2048,) if quick else (512, 1024, 2048, 4096, 8192)
+        tokens = TOKENS
+    else:
+        max_lens, tokens = (24,), 40
+    try:
+        from flash_attn import flash_attn_varlen_func
+        flash_note = "FlashAttention-2 package, varlen"
+    except ImportError as e:
+        flash_attn_varlen_func = None
+        flash_note = f"flash-attn not installed ({e})"
+    for max_len in max_lens:
+        lengths = _varlen_lengths(max_len, tokens)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lengths).cumsum(0)
+        cu = cu.to(device)
+        case = f"varlen smollm2 h9/3 d64 causal max={max_len}"
+        params = {"seqlen": max_len, "head_dim": VARLEN_HEAD_DIM, "causal": 1}
+        flops = sum(4 * VARLEN_HEADS * n * n * VARLEN_HEAD_DIM / 2 for n in lengths)
+        total = sum(lengths)
+        q = torch.randn(total, VARLEN_HEADS, VARLEN_HEAD_DIM, device=device, dtype=dtype,
+                        requires_grad=True)
+        k, v = (torch.randn(total, VARLEN_KV_HEADS, VARLEN_HEAD_DIM, device=device, dtype=dtype,
+                            requires_grad=True) for _ in range(2))
+        grad_out = torch.randn_like(q)
+        varlen_args = (cu, cu, max_len, max_len)
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+        ref = attention_varlen_reference(q32, k32, v32, *varlen_args, causal=True)
+        ref_grads = torch.autograd.grad(ref, (q32, k32, v32), grad_out.float())
+        ref_grads = torch.cat([g.flatten() for g in ref_grads])
+        ref = ref.detach()
+        del q32, k32, v32
+        common = (q, k, v, grad_out, True, ref, ref_grads, flops, case, params, device, quick)
+
+        if cuda or interpreting():
+            def ours(q, k, v, c, a=varlen_args):
+                return flash_attention_varlen(q, k, v, *a, causal=c, check_cu_seqlens=False)
+        else:
+            def ours(q, k, v, c, a=varlen_args):
+                return attention_varlen_reference(q, k, v, *a, causal=c)
+        yield from _measure(OURS, ours, *common, ours_note)
+        for name, backend in sdpa:
+            if backend == SDPBackend.MATH and \
+                    len(lengths) * VARLEN_HEADS * max_len * max_len > MATH_SCORES_CAP:
+                continue
+            yield from _measure(f"{name} (padded)", _padded_sdpa(backend, lengths, device),
+                                *common, f"sdpa_kernel([{backend.name}]) on the padded batch")
+        if flash_attn_varlen_func is None:
+            for mode in ("fwd", "fwd+bwd"):
+                yield Row(SUITE, f"{mode} {case}", "flash-attn", "TFLOP/s", None, params=params,
+                          note=flash_note)
+        else:
+            def flash(q, k, v, c, a=varlen_args):
+                return flash_attn_varlen_func(q, k, v, *a, causal=c)
+            yield from _measure("flash-attn", flash, *common, flash_note)
+        del q, k, v, grad_out, ref, ref_grads, common
         if cuda:
             torch.cuda.empty_cache()
 
