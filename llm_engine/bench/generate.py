@@ -1,0 +1,362 @@
+"""Generation: decode and offline throughput of the engine against HF transformers.
+
+Both sides run SmolLM2-135M-Instruct with the very same weights (the HF
+``LlamaForCausalLM`` is built from ours), greedy, ``ignore_eos`` so every request
+produces exactly its token count. Our engine runs with prefix caching off, so
+repeated timing runs of the same prompts do not hit the cache.
+
+Cases
+- ``decode-bs1``: one prompt, ``new`` tokens. Decode tokens/s is measured as
+  ``(new - 1) / (t(new) - t(1))`` for both implementations (the prefill and first
+  token cancel out). ``ceiling_frac``: the weights' bytes read per token times
+  tokens/s over the measured copy bandwidth (decode at batch 1 is memory-bound).
+- ``throughput-<N>x<in>+<out>``: N random-token prompts of ``in`` tokens, ``out``
+  new tokens each, like vLLM's ``benchmark_throughput`` with its random dataset;
+  the ``-ratio0.5`` case draws each request's input and output lengths uniformly
+  within ±50% of those (vLLM's range ratio), as real requests differ. Ours gets all
+  requests at once (continuous batching; each request stops at its own length);
+  HF runs them through ``generate`` in static batches of ``hf_batch`` concurrent
+  requests (32 on CPU), left-padded, each batch running until its longest request
+  is done. ``value``: requested output tokens/s; ``ceiling_frac``: matmul FLOPs
+  (2 × body parameters per token, 2 × vocab × hidden per output token) per second
+  over the measured matmul peak. TTFT / TPOT percentiles of our requests are in
+  ``note`` and ``params``.
+- CUDA only: ``decode-bs64`` (64 requests decoding together) and ``prefill``
+  (16 × 1024-token prompts, one new token: prompt tokens/s); ``vllm`` rows when
+  vLLM is installed.
+
+``rel_err``: the fraction of generated tokens that differ from HF's greedy tokens
+for the same prompts (0 for HF itself). Our CUDA rows use CUDA graphs for decode.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llm_engine.bench.common import OURS, Ceilings, Row, synchronize
+from llm_engine.model import Transformer
+
+SUITE = "generate"
+RANGE_RATIO = 0.5
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+@dataclass
+class _Sizes:
+    decode_new: int
+    tp_requests: int
+    tp_in: int
+    tp_out: int
+    hf_batch: int
+    repeats: int
+
+
+def _sizes(device: str, quick: bool) -> _Sizes:
+    if torch.device(device).type == "cuda":
+        return _Sizes(64, 64, 128, 64, 32, 2) if quick else _Sizes(256, 256, 512, 256, 64, 3)
+    return _Sizes(8, 4, 16, 8, 4, 1) if quick else _Sizes(64, 32, 128, 64, 32, 2)
+
+
+def hf_from_ours(model: Transformer):
+    """An HF ``LlamaForCausalLM`` holding the same weights as our Llama ``model``."""
+    import transformers
+
+    c = model.config
+    cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings,
+    )
+    p = next(model.parameters())
+    hf = transformers.LlamaForCausalLM(cfg)
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    state = {"model.embed_tokens.weight": model.embed_tokens.weight,
+             "model.norm.weight": model.norm.weight}
+    if not c.tie_word_embeddings:
+        state["lm_head.weight"] = model.lm_head.weight
+    for i, layer in enumerate(model.layers):
+        pre = f"model.layers.{i}."
+        wq, wk, wv = layer.attn.qkv_proj.weight.split([q, kv, kv])
+        gate, up = layer.mlp.up_proj.weight.chunk(2)
+        state.update({
+            pre + "input_layernorm.weight": layer.attn_norm.weight,
+            pre + "post_attention_layernorm.weight": layer.mlp_norm.weight,
+            pre + "self_attn.q_proj.weight": wq, pre + "self_attn.k_proj.weight": wk,
+            pre + "self_attn.v_proj.weight": wv,
+            pre + "self_attn.o_proj.weight": layer.attn.o_proj.weight,
+            pre + "mlp.gate_proj.weight": gate, pre + "mlp.up_proj.weight": up,
+            pre + "mlp.down_proj.weight": layer.mlp.down_proj.weight,
+        })
+    missing, unexpected = hf.load_state_dict({k: v.detach().float().cpu()
+                                              for k, v in state.items()}, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"weights do not map onto LlamaForCausalLM: missing {missing}, "
+                         f"unexpected {unexpected}")
+    if c.tie_word_embeddings:
+        hf.tie_weights()
+    return hf.to(device=p.device, dtype=p.dtype).eval()
+
+
+def _timed(fn: Callable[[], object], device: str, repeats: int,
+           warmup: Callable[[], object] | None = None) -> tuple[float, object]:
+    """Fastest of ``repeats`` runs (seconds) after a warm-up (``warmup``, else ``fn``),
+    and the last result."""
+    result = (warmup or fn)()
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def _hf_generate(hf, prompts: list[list[int]], new: int | list[int],
+                 batch: int) -> list[list[int]]:
+    """Greedy tokens per prompt through ``generate`` in static batches of ``batch``, past
+    EOS like ``ignore_eos``. ``new``: tokens per prompt (one int for all, or one each).
+    Shorter prompts of a batch are left-padded; a batch runs until its longest request
+    is done and each request keeps its own count."""
+    wanted = [new] * len(prompts) if isinstance(new, int) else list(new)
+    out: list[list[int]] = []
+    device = next(hf.parameters()).device
+    for i in range(0, len(prompts), batch):
+        chunk, counts = prompts[i:i + batch], wanted[i:i + batch]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
+                            device=device)
+        with torch.inference_mode():
+            gen = hf.generate(ids, attention_mask=mask, max_new_tokens=max(counts),
+                              do_sample=False, top_p=None, top_k=None, temperature=None,
+                              eos_token_id=None, pad_token_id=0)
+        out += [row[:k] for row, k in zip(gen[:, width:].tolist(), counts, strict=True)]
+    return out
+
+
+def _ours_generate(llm, prompts: list[list[int]], new: int | list[int]) -> list:
+    from llm_engine import SamplingParams
+
+    wanted = [new] * len(prompts) if isinstance(new, int) else new
+    params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in wanted]
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def _mismatch(a: list[list[int]], b: list[list[int]]) -> float:
+    total = sum(len(x) for x in b)
+    diff = sum(sum(u != v for u, v in zip(x, y, strict=True)) for x, y in zip(a, b, strict=True))
+    return diff / total if total else 0.0
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def _flops(model: Transformer, in_tokens: int, out_tokens: int) -> float:
+    c = model.config
+    head = c.vocab_size * c.hidden_size
+    body = model.num_parameters() - c.vocab_size * c.hidden_size
+    if not c.tie_word_embeddings:
+        body -= head
+    return 2.0 * body * (in_tokens + out_tokens) + 2.0 * head * out_tokens
+
+
+def _random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(100, vocab, size=(n, length)).tolist()
+
+
+def _lengths(n: int, mean: int, ratio: float, seed: int) -> list[int]:
+    """``n`` lengths uniform in ``[mean·(1−ratio), mean·(1+ratio)]`` (vLLM's range ratio)."""
+    rng = np.random.default_rng(seed)
+    lo, hi = max(1, round(mean * (1 - ratio))), max(1, round(mean * (1 + ratio)))
+    return rng.integers(lo, hi + 1, size=n).tolist()
+
+
+def run(device: str, quick: bool, ceilings: Ceilings) -> list[Row]:
+    from llm_engine import LLM
+
+    cuda = torch.device(device).type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sizes = _sizes(device, quick)
+    llm = LLM("smollm2", device=device, dtype=dtype, max_num_seqs=256,
+              enable_prefix_caching=False, kv_cache_memory=None if cuda else 1 << 29)
+    model = llm.model
+    try:
+        hf = hf_from_ours(model)
+        hf_note = ""
+    except Exception as e:  # transformers missing or incompatible: ours still runs
+        hf, hf_note = None, f"HF transformers unavailable: {type(e).__name__}: {e}"
+    backend = "" if cuda else "CPU: PyTorch reference ops, fp32"
+    rows: list[Row] = []
+    rows += _decode_rows(llm, hf, hf_note, device, sizes, ceilings, 1, backend)
+    if cuda:
+        rows += _decode_rows(llm, hf, hf_note, device, sizes, ceilings, 64, backend)
+    rows += _throughput_rows(llm, hf, hf_note, device, sizes, ceilings, backend)
+    if cuda:
+        rows += _prefill_rows(llm, hf, hf_note, device, sizes, ceilings)
+        rows += _vllm_rows(llm, device, sizes)
+    return rows
+
+
+def _decode_rows(llm, hf, hf_note: str, device: str, sizes: _Sizes, ceilings: Ceilings,
+                 batch: int, backend: str) -> list[Row]:
+    model = llm.model
+    base = llm.tokenizer.encode(PROMPT)
+    prompts = [list(base) for _ in range(batch)] if batch == 1 else \
+        _random_prompts(batch, 32, model.config.vocab_size, seed=1)
+    new = sizes.decode_new
+    case = f"decode-bs{batch}"
+    params = {"batch": batch, "new_tokens": new, "prompt_tokens": len(prompts[0])}
+    weight_bytes = model.num_parameters() * next(model.parameters()).element_size()
+
+    def rate(gen: Callable[[int], object]) -> tuple[float, float, object]:
+        t1, _ = _timed(lambda: gen(1), device, sizes.repeats)
+        tn, result = _timed(lambda: gen(new), device, sizes.repeats)
+        return batch * (new - 1) / max(tn - t1, 1e-9), tn, result
+
+    ours_rate, ours_t, ours_out = rate(lambda n: _ours_generate(llm, prompts, n))
+    ours_tokens = [o.outputs[0].token_ids for o in ours_out]
+    notes = [backend, hf_note, "CUDA graphs for decode" if device.startswith("cuda") else ""]
+    ours = Row(SUITE, case, OURS, "tok/s", ours_rate, ms=ours_t * 1e3,
+               ceiling_frac=_bw_frac(ours_rate / batch, weight_bytes, ceilings), params=params)
+    rows = [ours]
+    if hf is not None:
+        hf_rate, hf_t, hf_tokens = rate(lambda n: _hf_generate(hf, prompts, n, batch))
+        rows.append(Row(SUITE, case, "hf-transformers", "tok/s", hf_rate, ms=hf_t * 1e3,
+                        ceiling_frac=_bw_frac(hf_rate / batch, weight_bytes, ceilings),
+                        rel_err=0.0, note="generate(), greedy, DynamicCache", params=params))
+        ours.rel_err = _mismatch(ours_tokens, hf_tokens)
+        notes.append(f"{ours_rate / hf_rate:.2f}x HF")
+    ours.note = "; ".join(x for x in notes if x)
+    return rows
+
+
+def _bw_frac(tokens_per_s: float, weight_bytes: int, ceilings: Ceilings) -> float:
+    """Weight bytes read per step × steps/s over the measured bandwidth."""
+    return tokens_per_s * weight_bytes / (ceilings.bandwidth_gbps * 1e9)
+
+
+def _throughput_rows(llm, hf, hf_note: str, device: str, sizes: _Sizes, ceilings: Ceilings,
+                     backend: str) -> list[Row]:
+    rows: list[Row] = []
+    for ratio in (0.0, RANGE_RATIO):
+        rows += _throughput_case(llm, hf, hf_note, device, sizes, ceilings, backend, ratio)
+    return rows
+
+
+def _throughput_case(llm, hf, hf_note: str, device: str, sizes: _Sizes, ceilings: Ceilings,
+                     backend: str, ratio: float) -> list[Row]:
+    model = llm.model
+    vocab = model.config.vocab_size
+    n, n_in, n_out = sizes.tp_requests, sizes.tp_in, sizes.tp_out
+    in_lens = _lengths(n, n_in, ratio, seed=3)
+    out_lens = _lengths(n, n_out, ratio, seed=4)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(100, vocab, size=k).tolist() for k in in_lens]
+    case = f"throughput-{n}x{n_in}+{n_out}" + (f"-ratio{ratio:g}" if ratio else "")
+    params = {"requests": n, "input_len": n_in, "output_len": n_out, "range_ratio": ratio,
+              "hf_batch": sizes.hf_batch}
+    n_output = sum(out_lens)
+    flops = _flops(model, sum(in_lens), n_output)
+    peak = ceilings.matmul_tflops * 1e12
+
+    def warmup() -> object:
+        return _ours_generate(llm, prompts[:2], 2)
+
+    t, outs = _timed(lambda: _ours_generate(llm, prompts, out_lens), device, sizes.repeats,
+                     warmup)
+    ours_tokens = [o.outputs[0].token_ids for o in outs]
+    ttft = [o.metrics.ttft * 1e3 for o in outs]
+    tpot = [o.metrics.tpot * 1e3 for o in outs if o.metrics.tpot is not None]
+    pcts = {f"ttft_p{q}_ms": round(_pct(ttft, q), 2) for q in (50, 90, 99)}
+    pcts.update({f"tpot_p{q}_ms": round(_pct(tpot, q), 2) for q in (50, 90, 99)})
+    notes = [f"TTFT p50/p90/p99 {pcts['ttft_p50_ms']:.0f}/{pcts['ttft_p90_ms']:.0f}/"
+             f"{pcts['ttft_p99_ms']:.0f} ms; TPOT p50/p90/p99 {pcts['tpot_p50_ms']:.1f}/"
+             f"{pcts['tpot_p90_ms']:.1f}/{pcts['tpot_p99_ms']:.1f} ms", backend, hf_note]
+    ours = Row(SUITE, case, OURS, "tok/s", n_output / t, ms=t * 1e3,
+               ceiling_frac=flops / t / peak, params={**params, **pcts})
+    rows = [ours]
+    if hf is not None:
+        hf_t, hf_tokens = _timed(lambda: _hf_generate(hf, prompts, out_lens, sizes.hf_batch),
+                                 device, sizes.repeats,
+                                 lambda: _hf_generate(hf, prompts[:2], 2, 2))
+        hf_note_row = f"generate() in static batches of {sizes.hf_batch}"
+        if ratio:
+            hf_note_row += " (left-padded; a batch runs until its longest request is done)"
+        rows.append(Row(SUITE, case, "hf-transformers", "tok/s", n_output / hf_t,
+                        ms=hf_t * 1e3, ceiling_frac=flops / hf_t / peak, rel_err=0.0,
+                        note=hf_note_row, params=params))
+        ours.rel_err = _mismatch(ours_tokens, hf_tokens)
+        notes.append(f"{hf_t / t:.2f}x HF")
+    ours.note = "; ".join(x for x in notes if x)
+    return rows
+
+
+def _prefill_rows(llm, hf, hf_note: str, device: str, sizes: _Sizes,
+                  ceilings: Ceilings) -> list[Row]:
+    model = llm.model
+    n, length = 16, 1024
+    prompts = _random_prompts(n, length, model.config.vocab_size, seed=2)
+    case = f"prefill-{n}x{length}"
+    params = {"requests": n, "input_len": length}
+    flops = _flops(model, n * length, 0)
+    peak = ceilings.matmul_tflops * 1e12
+    t, outs = _timed(lambda: _ours_generate(llm, prompts, 1), device, sizes.repeats)
+    rows = [Row(SUITE, case, OURS, "tok/s", n * length / t, ms=t * 1e3,
+                ceiling_frac=flops / t / peak, note="prompt tokens/s (one new token each)",
+                params=params)]
+    if hf is None:
+        rows[0].note += f"; {hf_note}"
+        return rows
+    ids = torch.tensor(prompts, device=device)
+
+    def hf_prefill():
+        with torch.inference_mode():
+            return hf(ids, logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
+
+    hf_t, hf_first = _timed(hf_prefill, device, sizes.repeats)
+    ours_first = [[o.outputs[0].token_ids[0]] for o in outs]
+    rows[0].rel_err = _mismatch(ours_first, [[t_] for t_ in hf_first])
+    rows[0].note += f"; {hf_t / t:.2f}x HF"
+    rows.append(Row(SUITE, case, "hf-transformers", "tok/s", n * length / hf_t, ms=hf_t * 1e3,
+                    ceiling_frac=flops / hf_t / peak, rel_err=0.0, note="one forward, batch 16",
+                    params=params))
+    return rows
+
+
+def _vllm_rows(llm, device: str, sizes: _Sizes) -> list[Row]:
+    """vLLM on the same weights (saved as an HF directory), when vLLM is installed."""
+    case = f"throughput-{sizes.tp_requests}x{sizes.tp_in}+{sizes.tp_out}"
+    try:
+        import vllm
+    except ImportError:
+        return [Row(SUITE, case, "vllm", "tok/s", None, note="vLLM is not installed")]
+    hf = hf_from_ours(llm.model)
+    prompts = _random_prompts(sizes.tp_requests, sizes.tp_in, llm.model.config.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        llm.tokenizer.save(tmp)
+        engine = vllm.LLM(model=tmp, dtype="bfloat16", gpu_memory_utilization=0.3,
+                          enable_prefix_caching=False)
+        params = vllm.SamplingParams(temperature=0, max_tokens=sizes.tp_out, ignore_eos=True)
+        inputs = [{"prompt_token_ids": p} for p in prompts]
+
+        def go():
+            return engine.generate(inputs, params, use_tqdm=False)
+
+        t, _ = _timed(go, device, sizes.repeats)
+    rate = sizes.tp_requests * sizes.tp_out / t
+    return [Row(SUITE, case, "vllm", "tok/s", rate, ms=t * 1e3, rel_err=None,
+                note=f"vLLM {vllm.__version__}, same weights, prefix caching off",
+                params={"requests": sizes.tp_requests})]
+
