@@ -327,6 +327,12 @@ def test_tiny_preset_on_stdlib_lowers_validation_loss(tmp_path, capsys):
     assert ckpt_lib.latest_checkpoint(out).name == "step_0000050"
 
 
+def test_sft_preset_rejects_plain_text_data(tmp_path, capsys):
+    args = _train_args("--preset", "smollm2-sft", "--data", "stdlib", "--out", str(tmp_path))
+    assert handle(args) == 2
+    assert "jsonl" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_with_the_same_global_batch(tmp_path):
     corpus = tmp_path / "corpus.txt"

@@ -40,7 +40,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (matrices only)")
     p.add_argument("--grad-clip", type=float, help="clip the gradient norm (0: off)")
-    p.add_argument("--eval-every", type=int, help="evaluate every N steps (0: only before and after training)")
+    p.add_argument("--eval-every", type=int,
+                   help="evaluate every N steps (0: only before and after training)")
     p.add_argument("--eval-examples", type=int, help="validation windows per evaluation")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (0: at the end)")
     p.add_argument("--log-every", type=int, help="log training metrics every N steps")
@@ -93,10 +94,7 @@ def handle(args: argparse.Namespace) -> int:
     from llm_engine.training.trainer import train
 
     try:
-        cfg = config_from_args(args)
-        if cfg.data is None:
-            raise ValueError(f"preset {cfg.preset!r} needs --data (a chat .jsonl file)")
-        summary = train(cfg)
+        summary = train(config_from_args(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -22,7 +22,8 @@ class Preset:
     """``model`` is the shape to train from scratch (its ``vocab_size`` is replaced by the
     tokenizer's, rounded up to a multiple of 64); ``init_from`` names a model to fine-tune
     instead. ``tokenizer`` is ``"train"`` (a new BPE of ``TrainConfig.vocab_size`` tokens),
-    ``"smollm2"``, or a directory. ``defaults`` are ``TrainConfig`` field values."""
+    ``"smollm2"``, or a directory. ``defaults`` are ``TrainConfig`` field values.
+    ``chat_data``: the preset trains on chat JSONL only (supervised fine-tuning)."""
 
     name: str
     description: str
@@ -30,6 +31,7 @@ class Preset:
     init_from: str | None
     tokenizer: str
     defaults: dict[str, Any] = field(default_factory=dict)
+    chat_data: bool = False
 
 
 PRESETS: dict[str, Preset] = {
@@ -65,6 +67,7 @@ PRESETS: dict[str, Preset] = {
         tokenizer="smollm2",
         defaults=dict(seq_len=512, batch_size=4, steps=200, lr=5e-5, warmup_steps=10,
                       weight_decay=0.0, eval_every=50, ckpt_every=100, eval_examples=32),
+        chat_data=True,
     ),
 }
 

@@ -133,10 +133,15 @@ def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             fused: bool = True) -> torch.Tensor:
     """Mean next-token cross-entropy of ``hidden (T, H)`` through ``weight (V, H)``.
 
-    Under autocast the head weight is cast to the hidden states' dtype (the cast is
-    differentiable, so the fp32 master weight still gets its gradient).
+    Under autocast both are cast to the autocast dtype (bf16 matmuls), else the weight to
+    the hidden states' dtype; the casts are differentiable, so the fp32 master weights still
+    get their gradients.
     """
-    if weight.dtype != hidden.dtype:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
     if fused:
         return ops.cross_entropy(hidden, weight, targets, ignore_index=data_lib.IGNORE_INDEX)
@@ -537,6 +542,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     preset = get_preset(cfg.preset)
     kind = cfg.tokenizer or preset.tokenizer
     chat = _is_chat_data(cfg.data)
+    if preset.chat_data and not chat:
+        raise ValueError(f"preset {cfg.preset!r} fine-tunes on conversations: --data must be a "
+                         f".jsonl file of {{\"messages\": [...]}} lines, got {cfg.data!r}")
     files = None
     if kind == "train" and not chat:
         files = (data_lib.stdlib_files(cfg.stdlib_max_bytes) if cfg.data == "stdlib"
