@@ -49,6 +49,9 @@ def hf_model(gguf_path: str):
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32)
+    # Generate through EOS, like ignore_eos=True on our side (min_new_tokens would
+    # instead forbid EOS, changing the argmax).
+    model.generation_config.eos_token_id = None
     return model.eval()
 
 
@@ -87,8 +90,8 @@ def test_greedy_generation_of_32_tokens_matches_hf(ours, hf_model) -> None:
     prompt_ids = [tok.encode(p) for p in PROMPTS]
     outputs = llm.generate(prompt_ids, params, use_tqdm=False)
     for ids, out in zip(prompt_ids, outputs, strict=True):
-        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32,
-                                do_sample=False)[0, len(ids):].tolist()
+        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
         assert out.outputs[0].token_ids == ref
 
 
