@@ -41,6 +41,10 @@ test-asan: install
 bench: install
 	$(VENV)/bin/llm-engine bench all --out benchmarks/results/latest
 
+# On a machine with a GPU whose image already has torch/triton: GPU tests + full benchmark.
+bench-gpu:
+	bash benchmarks/run_gpu.sh benchmarks/results/$$(date -u +%Y-%m-%d)
+
 lint: install
 	$(VENV)/bin/ruff check .
 
