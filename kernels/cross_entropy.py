@@ -144,7 +144,10 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 
 def _default_chunk_size(n_tokens: int, vocab: int) -> int:
-    return max(1, min(n_tokens, _CHUNK_ELEMENTS // vocab))
+    chunk = max(1, _CHUNK_ELEMENTS // vocab)
+    if chunk >= 256:
+        chunk -= chunk % 128  # matmul-friendly row counts
+    return min(n_tokens, chunk)
 
 
 def _run(row_step: RowStep, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
