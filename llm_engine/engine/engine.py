@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from llm_engine._C import BlockManager
 from llm_engine.engine.detokenizer import IncrementalDetokenizer
-from llm_engine.engine.model_runner import ModelRunner, kv_bytes_per_block
+from llm_engine.engine.model_runner import ModelRunner
 from llm_engine.engine.sampler import Sampler
 from llm_engine.engine.scheduler import Scheduler
 from llm_engine.engine.sequence import Request, Sequence
-from llm_engine.model import Transformer
+from llm_engine.kv_cache import KVCache
+from llm_engine.model import AttentionMetadata, Transformer
 from llm_engine.sampling_params import SamplingParams
 from llm_engine.tokenizer import Tokenizer
 
@@ -101,19 +101,21 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_model_len = model.config.max_position_embeddings
         self.block_size = block_size
-        p = next(model.parameters())
-        per_block = kv_bytes_per_block(model, block_size, p.dtype)
+        c, p = model.config, next(model.parameters())
+        per_block = (2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim
+                     * p.element_size())
         budget = kv_cache_memory or self._default_kv_bytes(model, max_num_batched_tokens,
                                                            gpu_memory_utilization,
                                                            max_num_seqs, per_block)
-        num_blocks = budget // per_block
-        if num_blocks < 1:
+        if budget < per_block:
             raise ValueError(f"kv_cache_memory = {budget} bytes holds no KV block "
                              f"({per_block} bytes each)")
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.kv_cache = KVCache(c.num_layers, c.num_kv_heads, c.head_dim, block_size,
+                                dtype=p.dtype, device=p.device, memory_bytes=budget,
+                                enable_prefix_caching=enable_prefix_caching)
+        self.block_manager = self.kv_cache.manager
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.block_manager, num_blocks, block_size,
-                                  max_num_seqs, use_cuda_graphs)
+        self.runner = ModelRunner(model, self.kv_cache, max_num_seqs, use_cuda_graphs)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(seed)
@@ -134,8 +136,6 @@ class Engine:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         tokens = torch.zeros(max_num_batched_tokens, dtype=torch.long, device=device)
-        from llm_engine.model import AttentionMetadata
-
         chunk = min(max_num_batched_tokens, self.max_model_len)
         lengths = [chunk] * (max_num_batched_tokens // chunk)
         if max_num_batched_tokens % chunk:

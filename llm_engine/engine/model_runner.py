@@ -1,7 +1,8 @@
 """One scheduled step through the model: input tensors, attention metadata, logits.
 
-The runner owns the paged K/V cache tensors (one ``(k, v)`` pair per layer, each
-``(num_blocks, block_size, kv_heads, head_dim)``), turns a
+The runner reads and writes the paged K/V cache (:class:`~llm_engine.kv_cache.KVCache`:
+one ``(k, v)`` pair per layer, each ``(num_blocks, block_size, kv_heads, head_dim)``),
+performs its copy-on-write block copies, turns a
 :class:`~llm_engine.engine.scheduler.ScheduledBatch` into the model's flat
 inputs with vectorised numpy (no per-token Python), runs the forward, and
 computes logits only for the last position of the sequences that sample.
@@ -18,38 +19,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llm_engine._C import BlockManager
 from llm_engine.engine.scheduler import ScheduledBatch
+from llm_engine.kv_cache import KVCache
 from llm_engine.model import AttentionMetadata, Transformer
 
 
-def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block of K and V takes over all layers."""
-    c = model.config
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * itemsize
-
-
 class ModelRunner:
-    """Runs scheduled batches through ``model`` over a paged K/V cache of ``num_blocks`` blocks."""
+    """Runs scheduled batches through ``model`` over the paged ``kv_cache``."""
 
-    def __init__(self, model: Transformer, block_manager: BlockManager, num_blocks: int,
-                 block_size: int, max_num_seqs: int, use_cuda_graphs: bool) -> None:
+    def __init__(self, model: Transformer, kv_cache: KVCache, max_num_seqs: int,
+                 use_cuda_graphs: bool) -> None:
         self.model = model
-        self.block_manager = block_manager
-        self.block_size = block_size
+        self.kv_cache = kv_cache
+        self.block_manager = kv_cache.manager
+        self.block_size = kv_cache.block_size
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        c = model.config
-        self.max_model_len = c.max_position_embeddings
-        self.max_blocks_per_seq = -(-self.max_model_len // block_size)
-        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
-        # Zeroed: attention multiplies unused slots by probability 0, and 0 * NaN is NaN.
-        self.kv_caches = [
-            (torch.zeros(shape, device=self.device, dtype=self.dtype),
-             torch.zeros(shape, device=self.device, dtype=self.dtype))
-            for _ in range(c.num_layers)
-        ]
+        self.max_model_len = model.config.max_position_embeddings
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.kv_caches = [kv_cache.layer(i) for i in range(kv_cache.num_layers)]
         # CUDA graphs, captured lazily the first time a batch-size bucket is needed.
         self.graph_sizes = self._graph_buckets(max_num_seqs) if (
             use_cuda_graphs and self.device.type == "cuda") else []
@@ -61,7 +49,7 @@ class ModelRunner:
         """Run one step; returns fp32 logits ``(num_sampling_seqs, vocab)`` for the
         sequences with ``batch.sample`` set, in batch order."""
         if batch.copies:
-            self._copy_blocks(batch.copies)
+            self.kv_cache.copy_blocks(batch.copies)
         seq_ids = np.fromiter((s.seq_id for s in batch.seqs), dtype=np.int64,
                               count=len(batch.seqs))
         if batch.is_decode and self.graph_sizes and len(batch.seqs) <= self.graph_sizes[-1]:
@@ -104,14 +92,6 @@ class ModelRunner:
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a))
         return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
-
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write: K/V of block ``src`` into block ``dst``, in every layer."""
-        src = torch.tensor([c[0] for c in copies], device=self.device, dtype=torch.long)
-        dst = torch.tensor([c[1] for c in copies], device=self.device, dtype=torch.long)
-        for k, v in self.kv_caches:
-            k[dst] = k[src]
-            v[dst] = v[src]
 
     # -- CUDA graphs for decode --------------------------------------------------------
     @staticmethod
