@@ -47,6 +47,7 @@ from ._utils import (
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
 _LOG2E = 1.4426950408889634
+_MAX_SEQS = 65535  # sequences ride on the launch grid's third axis
 
 
 # --------------------------------------------------------------------------- kernels
@@ -551,8 +552,9 @@ def _check_scale(softmax_scale: float | None, head_dim: int) -> float:
 def _check_cu_seqlens(name: str, cu: object, total: int, max_name: str, max_seqlen: object,
                       device: torch.device, check_values: bool) -> None:
     check_tensor(name, cu, dtypes=(torch.int32,), ndim=1, device=device)
-    if cu.numel() < 2:
-        raise ValueError(f"{name} must hold num_seqs + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
+    if not 2 <= cu.numel() <= _MAX_SEQS + 1:
+        raise ValueError(f"{name} must hold num_seqs + 1 offsets with 1 <= num_seqs <= "
+                         f"{_MAX_SEQS}, got shape {tuple(cu.shape)}")
     if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0:
         raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
     if not check_values:
@@ -638,6 +640,8 @@ def flash_attention(
     _check_qkv(q, k, v, "(batch, seqlen, heads, head_dim)", 4)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
+    if q.shape[0] > _MAX_SEQS:
+        raise ValueError(f"q: batch must be at most {_MAX_SEQS}, got shape {tuple(q.shape)}")
     scale = _check_scale(softmax_scale, q.shape[-1])
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
