@@ -77,33 +77,65 @@ def _key_float(k):
 
 
 @triton.jit
-def _load_scaled(row_base, row_ok, cols, vocab, scale):
-    """Raw logits ``x`` (fp32, -inf outside the row) and ``y = x * scale``."""
-    mask = row_ok[:, None] & (cols < vocab)[None, :]
-    x = tl.load(row_base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-    return x, x * scale[:, None]
+def _block(row_base, row_ok, vocab, scale, cand_key, cand_idx, n_cand, start, cols0,
+           FROM_CAND: tl.constexpr):
+    """One block of each row's tokens: ``(key, y, token id, valid)``, each ``(ROWS, BLOCK)``.
+
+    From the logits (``y = x * scale``, fp32), or from the row's compacted
+    candidate list (keys and token ids, in token order).
+    """
+    offs = start + cols0
+    if FROM_CAND:
+        valid = row_ok[:, None] & (offs[None, :] < n_cand[:, None])
+        key = tl.load(cand_key[:, None] + offs[None, :], mask=valid, other=-_I32_MAX - 1)
+        idx = tl.load(cand_idx[:, None] + offs[None, :], mask=valid, other=0)
+        y = _key_float(key)
+    else:
+        valid = row_ok[:, None] & (offs < vocab)[None, :]
+        x = tl.load(row_base + offs[None, :], mask=valid, other=float("-inf")).to(tl.float32)
+        y = x * scale[:, None]
+        key = _float_key(y)
+        idx = offs[None, :] + tl.zeros_like(key)
+    return key, y, idx, valid
 
 
 @triton.jit
-def _search(row_base, row_ok, vocab, scale, m, y_floor, bmax_row, lo, hi, cnt_hi, mass_hi,
-            k_lim, p_mass, COUNT: tl.constexpr, MASS: tl.constexpr, ROWS: tl.constexpr,
-            BLOCK: tl.constexpr, PIVOTS: tl.constexpr, MAX_PASSES: tl.constexpr):
+def _block_needed(rows_in, lo, bmax_row, n_cand, start, BLOCK: tl.constexpr,
+                  FROM_CAND: tl.constexpr):
+    """Whether any row of ``rows_in`` may hold a key ``>= lo`` in the block at ``start``."""
+    if FROM_CAND:
+        need = rows_in & (start < n_cand)
+    else:
+        block_y = tl.load(bmax_row + start // BLOCK, mask=rows_in, other=float("-inf"))
+        need = rows_in & (_float_key(block_y) >= lo)
+    return tl.max(need.to(tl.int32)) > 0
+
+
+@triton.jit
+def _search(row_base, row_ok, vocab, scale, m, y_floor, bmax_row, cand_key, cand_idx, n_cand,
+            active, lo, hi, cnt_lo, cnt_hi, mass_hi, k_lim, p_mass, stop_count, length,
+            FROM_CAND: tl.constexpr, COUNT: tl.constexpr, MASS: tl.constexpr,
+            ROWS: tl.constexpr, BLOCK: tl.constexpr, PIVOTS: tl.constexpr,
+            MAX_PASSES: tl.constexpr):
     """Largest data key ``t`` with ``count(key >= t) >= k_lim or mass(key >= t) >= p_mass``.
 
-    Invariant: the predicate holds at ``lo`` and fails at ``hi``; ``cnt_hi`` and
-    ``mass_hi`` are the count and mass at ``hi`` (each tracked only when
-    ``COUNT``/``MASS``). Rows with ``hi - lo <= 1`` are settled. Blocks whose
-    largest key (``bmax_row``, from pass 1) is below ``lo`` hold nothing at or
-    above any pivot and are skipped. Returns ``(lo, cnt_hi, mass_hi)``; then
-    ``t = lo``, and ``cnt_hi``/``mass_hi`` count and weigh the tokens above it.
+    Invariant: the predicate holds at ``lo`` and fails at ``hi``; ``cnt_lo`` is
+    the count at ``lo``, ``cnt_hi``/``mass_hi`` count and mass at ``hi`` (counts
+    tracked only when ``COUNT``, mass only when ``MASS``). A row of ``active`` is
+    searched while ``hi - lo > 1`` and ``cnt_lo > stop_count``. Each pass counts
+    and weighs the tokens at or above ``PIVOTS`` pivots in ``(lo, hi)`` at once,
+    keeps the sub-interval where the predicate flips, and shrinks it to the data
+    it holds. Blocks without a key ``>= lo`` are skipped. Returns the updated
+    ``(lo, hi, cnt_lo, cnt_hi, mass_hi)``; once settled, ``t = lo``.
     """
     HALF: tl.constexpr = PIVOTS // 2
     j = tl.arange(0, PIVOTS)
     by_value = j < HALF
     frac = tl.where(by_value, j + 1, j - HALF + 1).to(tl.float32) / (HALF + 1)
     cols0 = tl.arange(0, BLOCK)
+    open_rows = active & (hi.to(tl.int64) - lo > 1) & (cnt_lo > stop_count)
     passes = 0
-    while (tl.max(hi.to(tl.int64) - lo) > 1) & (passes < MAX_PASSES):
+    while (tl.max(open_rows.to(tl.int32)) > 0) & (passes < MAX_PASSES):
         # Half the pivots evenly in value (fast on real logits), half evenly in
         # the key's bits (at least a (HALF+1)-fold cut of the key range per pass).
         lo64 = lo.to(tl.int64)
@@ -115,38 +147,94 @@ def _search(row_base, row_ok, vocab, scale, m, y_floor, bmax_row, lo, hi, cnt_hi
         piv = tl.where(by_value[None, :], piv_val.to(tl.int64), piv_bits)
         piv = tl.minimum(tl.maximum(piv, lo64[:, None] + 1), hi.to(tl.int64)[:, None] - 1)
         piv = piv.to(tl.int32)
-        open_rows = row_ok & (span > 1)
         cnt = tl.zeros([ROWS, PIVOTS], dtype=tl.int32)
         mass = tl.zeros([ROWS, PIVOTS], dtype=tl.float32)
         kmin = tl.full([ROWS], _I32_MAX, dtype=tl.int32)
         kmax = tl.full([ROWS], -_I32_MAX, dtype=tl.int32)
-        for start in range(0, vocab, BLOCK):
-            block_key = _float_key(tl.load(bmax_row + start // BLOCK, mask=open_rows,
-                                           other=float("-inf")))
-            if tl.max((open_rows & (block_key >= lo)).to(tl.int32)) > 0:
-                cols = start + cols0
-                x, y = _load_scaled(row_base, row_ok, cols, vocab, scale)
-                key = _float_key(y)
-                ge = key[:, :, None] >= piv[:, None, :]
+        for start in range(0, length, BLOCK):
+            if _block_needed(open_rows, lo, bmax_row, n_cand, start, BLOCK, FROM_CAND):
+                key, y, idx, valid = _block(row_base, row_ok, vocab, scale, cand_key, cand_idx,
+                                            n_cand, start, cols0, FROM_CAND)
+                ge = key[:, :, None] >= piv[:, None, :]  # padding keys lie below every pivot
                 if COUNT:
                     cnt += tl.sum(ge.to(tl.int32), axis=1)
                 if MASS:
                     w = tl.exp2(y - m[:, None])
                     mass += tl.sum(tl.where(ge, w[:, :, None], 0.0), axis=1)
-                inside = (key >= lo[:, None]) & (key < hi[:, None]) & (cols < vocab)[None, :]
+                inside = valid & (key >= lo[:, None]) & (key < hi[:, None])
                 kmin = tl.minimum(kmin, tl.min(tl.where(inside, key, _I32_MAX), axis=1))
                 kmax = tl.maximum(kmax, tl.max(tl.where(inside, key, -_I32_MAX), axis=1))
         enough = (cnt >= k_lim[:, None]) | (mass >= p_mass[:, None])
         new_lo = tl.maximum(tl.max(tl.where(enough, piv, lo[:, None]), axis=1), lo)
         new_hi = tl.minimum(tl.min(tl.where(enough, hi[:, None], piv), axis=1), hi)
+        at_lo = piv == new_lo[:, None]
         at_hi = piv == new_hi[:, None]
-        cnt_hi = tl.where(new_hi == hi, cnt_hi, tl.max(tl.where(at_hi, cnt, 0), axis=1))
-        mass_hi = tl.where(new_hi == hi, mass_hi, tl.max(tl.where(at_hi, mass, 0.0), axis=1))
+        new_cnt_lo = tl.where(new_lo == lo, cnt_lo, tl.max(tl.where(at_lo, cnt, 0), axis=1))
+        new_cnt_hi = tl.where(new_hi == hi, cnt_hi, tl.max(tl.where(at_hi, cnt, 0), axis=1))
+        new_mass_hi = tl.where(new_hi == hi, mass_hi,
+                               tl.max(tl.where(at_hi, mass, 0.0), axis=1))
+        cnt_lo = tl.where(open_rows, new_cnt_lo, cnt_lo)
+        cnt_hi = tl.where(open_rows, new_cnt_hi, cnt_hi)
+        mass_hi = tl.where(open_rows, new_mass_hi, mass_hi)
         # No data lies in [lo, kmin) or (kmax, hi): shrink to the data without changing counts.
         lo = tl.where(open_rows, tl.maximum(new_lo, kmin), lo)
         hi = tl.where(open_rows, tl.minimum(new_hi, kmax.to(tl.int64) + 1).to(tl.int32), hi)
+        open_rows = open_rows & (hi.to(tl.int64) - lo > 1) & (cnt_lo > stop_count)
         passes += 1
-    return lo, cnt_hi, mass_hi
+    return lo, hi, cnt_lo, cnt_hi, mass_hi
+
+
+@triton.jit
+def _compact(row_base, row_ok, vocab, scale, bmax_row, cand_key, cand_idx, which, lo,
+             ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Copy the tokens with key ``>= lo`` of the rows in ``which`` to their candidate
+    lists (key and token id, in token order); returns how many each row wrote."""
+    cols0 = tl.arange(0, BLOCK)
+    n = tl.zeros([ROWS], dtype=tl.int32)
+    for start in range(0, vocab, BLOCK):
+        if _block_needed(which, lo, bmax_row, n, start, BLOCK, False):
+            key, y, idx, valid = _block(row_base, row_ok, vocab, scale, cand_key, cand_idx, n,
+                                        start, cols0, False)
+            sel = valid & which[:, None] & (key >= lo[:, None])
+            s = sel.to(tl.int32)
+            pos = n[:, None] + tl.cumsum(s, axis=1) - s
+            tl.store(cand_key[:, None] + pos, key, mask=sel)
+            tl.store(cand_idx[:, None] + pos, idx, mask=sel)
+            n += tl.sum(s, axis=1)
+    return n
+
+
+@triton.jit
+def _stage(row_base, row_ok, vocab, scale, m, y_floor, key_m, bmax_row, cand_key, cand_idx,
+           n_cand, compacted, active, lo, cnt_lo, k_lim, p_mass,
+           COUNT_CAND: tl.constexpr, MASS: tl.constexpr, CAP: tl.constexpr,
+           ROWS: tl.constexpr, BLOCK: tl.constexpr, PIVOTS: tl.constexpr,
+           MAX_PASSES: tl.constexpr):
+    """One filter's cut-off for the rows in ``active``, searching up from ``lo``.
+
+    Rows not yet compacted search the logits until at most ``CAP`` tokens lie
+    at or above ``lo`` (or the cut-off is exact), and are then compacted; the
+    search finishes on the candidate lists, which hold every token above
+    ``lo``. Returns ``(t, count above t, mass above t, cnt_lo, compacted, n_cand)``.
+    """
+    hi = tl.where(active, key_m + 1, lo + 1)
+    zero_cnt = tl.zeros([ROWS], dtype=tl.int32)
+    zero_mass = tl.zeros([ROWS], dtype=tl.float32)
+    lo, hi, cnt_lo, cnt_hi, mass_hi = _search(
+        row_base, row_ok, vocab, scale, m, y_floor, bmax_row, cand_key, cand_idx, n_cand,
+        active & ~compacted, lo, hi, cnt_lo, zero_cnt, zero_mass, k_lim, p_mass, CAP, vocab,
+        False, True, MASS, ROWS, BLOCK, PIVOTS, MAX_PASSES)
+    newly = active & ~compacted & (cnt_lo <= CAP)
+    if tl.max(newly.to(tl.int32)) > 0:
+        n_new = _compact(row_base, row_ok, vocab, scale, bmax_row, cand_key, cand_idx, newly,
+                         lo, ROWS, BLOCK)
+        n_cand = tl.where(newly, n_new, n_cand)
+        compacted = compacted | newly
+    lo, hi, cnt_lo, cnt_hi, mass_hi = _search(
+        row_base, row_ok, vocab, scale, m, y_floor, bmax_row, cand_key, cand_idx, n_cand,
+        active & compacted, lo, hi, cnt_lo, cnt_hi, mass_hi, k_lim, p_mass, -1, CAP,
+        True, COUNT_CAND, MASS, ROWS, BLOCK, PIVOTS, MAX_PASSES)
+    return lo, cnt_hi, mass_hi, cnt_lo, compacted, n_cand
 
 
 @triton.jit
@@ -156,24 +244,73 @@ def _uniform(r):
 
 
 @triton.jit
+def _draw(row_base, row_ok, vocab, scale, m, bmax_row, cand_key, cand_idx, n_cand, rows_in,
+          t_key, quota, min_p, seed, step_lo, step_hi, stream, length,
+          FROM_CAND: tl.constexpr, HAS_MIN_P: tl.constexpr, ROWS: tl.constexpr,
+          BLOCK: tl.constexpr):
+    """Sample a kept token for each row of ``rows_in``: inverse CDF inside each block
+    with one uniform, weighted reservoir sampling across blocks with another
+    (both from Philox keyed by seed, step, stream and block). Returns the token
+    id, or -1 where nothing was kept."""
+    cols0 = tl.arange(0, BLOCK)
+    pick = tl.full([ROWS], -1, dtype=tl.int32)
+    seen = tl.zeros([ROWS], dtype=tl.float32)
+    tie_seen = tl.zeros([ROWS], dtype=tl.int32)
+    for start in range(0, length, BLOCK):
+        useful = rows_in
+        if HAS_MIN_P and not FROM_CAND:
+            block_y = tl.load(bmax_row + start // BLOCK, mask=rows_in, other=float("-inf"))
+            useful = useful & (tl.exp2(block_y - m) >= min_p)
+        if _block_needed(useful, t_key, bmax_row, n_cand, start, BLOCK, FROM_CAND):
+            key, y, idx, valid = _block(row_base, row_ok, vocab, scale, cand_key, cand_idx,
+                                        n_cand, start, cols0, FROM_CAND)
+            w = tl.exp2(y - m[:, None])
+            tie = (valid & (key == t_key[:, None])).to(tl.int32)
+            tie_rank = tie_seen[:, None] + tl.cumsum(tie, axis=1) - tie
+            tie_seen += tl.sum(tie, axis=1)
+            kept = (key > t_key[:, None]) | ((tie == 1) & (tie_rank < quota[:, None]))
+            kept = kept & valid & rows_in[:, None] & (w > 0.0)
+            if HAS_MIN_P:
+                kept = kept & (w >= min_p[:, None])
+            wk = tl.where(kept, w, 0.0)
+            block_mass = tl.sum(wk, axis=1)
+            cdf = tl.cumsum(wk, axis=1)
+            block_id = (seed * 0 + start // BLOCK).to(tl.uint32)
+            r0, r1, _r2, _r3 = tl.philox(seed, block_id, step_lo, step_hi, stream)
+            target = _uniform(r0) * block_mass
+            at = tl.min(tl.where(cdf > target[:, None], cols0[None, :], BLOCK), axis=1)
+            last = tl.max(tl.where(kept, cols0[None, :], -1), axis=1)
+            at = tl.where(at == BLOCK, last, at)
+            chosen = tl.sum(tl.where(cols0[None, :] == at[:, None], idx, 0), axis=1)
+            earlier = seen
+            seen += block_mass
+            take = (block_mass > 0.0) & ((earlier == 0.0) | (_uniform(r1) * seen < block_mass))
+            pick = tl.where(take, chosen, pick)
+    return pick
+
+
+@triton.jit
 def _sampling_kernel(
     logits_ptr, stride_row, batch, vocab,
     temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, step_ptr,
-    tokens_ptr, logprobs_ptr, status_ptr, bmax_ptr, n_blocks,
+    tokens_ptr, logprobs_ptr, status_ptr, bmax_ptr, n_blocks, cand_key_ptr, cand_idx_ptr,
     HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
     SEED_PER_ROW: tl.constexpr, WANT_LOGPROBS: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, PIVOTS: tl.constexpr, MAX_PASSES: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, PIVOTS: tl.constexpr, CAP: tl.constexpr,
+    MAX_PASSES: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < batch
     cols0 = tl.arange(0, BLOCK)
     row_base = logits_ptr + rows.to(tl.int64)[:, None] * stride_row
     bmax_row = bmax_ptr + rows.to(tl.int64) * n_blocks  # per-block max of y, written in pass 1
+    cand_key = cand_key_ptr + rows.to(tl.int64) * CAP
+    cand_idx = cand_idx_ptr + rows.to(tl.int64) * CAP
     temp = tl.load(temp_ptr + rows, mask=row_ok, other=1.0)
     greedy = temp == 0.0
     scale = tl.where(greedy, 1.0, 1.0 / temp) * 1.4426950408889634  # work in log2 units
 
-    # Pass 1: max, sum of exp2 (online), raw argmax, smallest finite value, NaN check.
+    # Pass 1: max, sum of exp2 (online), raw argmax, block maxima, finite range, NaN check.
     m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     z = tl.zeros([ROWS], dtype=tl.float32)
     y_floor = tl.full([ROWS], float("inf"), dtype=tl.float32)
@@ -185,7 +322,9 @@ def _sampling_kernel(
     z_raw = tl.zeros([ROWS], dtype=tl.float32)
     for start in range(0, vocab, BLOCK):
         cols = start + cols0
-        x, y = _load_scaled(row_base, row_ok, cols, vocab, scale)
+        mask = row_ok[:, None] & (cols < vocab)[None, :]
+        x = tl.load(row_base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        y = x * scale[:, None]
         bad = tl.maximum(bad, tl.max((x != x).to(tl.int32), axis=1))
         bx, bi = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = bx > best
@@ -219,42 +358,44 @@ def _sampling_kernel(
     quota = tl.zeros([ROWS], dtype=tl.int32)
     no_p = tl.full([ROWS], float("inf"), dtype=tl.float32)
     no_k = tl.full([ROWS], _I32_MAX, dtype=tl.int32)
-    zero_cnt = tl.zeros([ROWS], dtype=tl.int32)
-    zero_mass = tl.zeros([ROWS], dtype=tl.float32)
     total = z
-    lo = _float_key(y_floor)  # the predicate holds at the smallest finite value
+    lo = _float_key(y_floor)  # the predicates hold at the smallest finite value
+    cnt_lo = n_finite
+    compacted = sampling & False
+    n_cand = tl.zeros([ROWS], dtype=tl.int32)
     on_k = sampling & False
     quota_k = no_k
     if HAS_TOP_K:
         k = tl.load(top_k_ptr + rows, mask=row_ok, other=0)
         on_k = sampling & (k > 0) & (k < n_finite)  # else every finite token survives
-        lo, cnt_hi, mass_hi = _search(
-            row_base, row_ok, vocab, scale, m, y_floor, bmax_row, lo,
-            tl.where(on_k, key_m + 1, lo + 1), zero_cnt, zero_mass,
-            tl.where(on_k, k, no_k), no_p, True, HAS_TOP_P, ROWS, BLOCK, PIVOTS, MAX_PASSES)
+        t_k, cnt_hi, mass_hi, cnt_lo, compacted, n_cand = _stage(
+            row_base, row_ok, vocab, scale, m, y_floor, key_m, bmax_row, cand_key, cand_idx,
+            n_cand, compacted, on_k, lo, cnt_lo, tl.where(on_k, k, no_k), no_p,
+            True, HAS_TOP_P, CAP, ROWS, BLOCK, PIVOTS, MAX_PASSES)
         quota_k = tl.where(on_k, k - cnt_hi, no_k)
-        w_t = tl.exp2(_key_float(lo) - m)
+        w_t = tl.exp2(_key_float(t_k) - m)
         total = tl.where(on_k, mass_hi + quota_k.to(tl.float32) * w_t, z)
-        t_key = tl.where(on_k, lo, t_key)
+        lo = tl.where(on_k, t_k, lo)
+        t_key = tl.where(on_k, t_k, t_key)
         quota = tl.where(on_k, quota_k, quota)
     if HAS_TOP_P:
         p = tl.load(top_p_ptr + rows, mask=row_ok, other=1.0)
         on_p = sampling & (p < 1.0)
         p_mass = tl.where(on_p, p * total, no_p)
-        lo_p = tl.where(on_k, lo, _float_key(y_floor))
         # Above the top-k cut-off fewer than k tokens remain, so mass alone decides.
-        lo_p, _, mass_hi = _search(
-            row_base, row_ok, vocab, scale, m, y_floor, bmax_row, lo_p,
-            tl.where(on_p, key_m + 1, lo_p + 1), zero_cnt, zero_mass,
-            no_k, p_mass, False, True, ROWS, BLOCK, PIVOTS, MAX_PASSES)
-        w_t = tl.exp2(_key_float(lo_p) - m)
+        t_p, _cnt_hi, mass_hi, cnt_lo, compacted, n_cand = _stage(
+            row_base, row_ok, vocab, scale, m, y_floor, key_m, bmax_row, cand_key, cand_idx,
+            n_cand, compacted, on_p, lo, cnt_lo, no_k, p_mass,
+            False, True, CAP, ROWS, BLOCK, PIVOTS, MAX_PASSES)
+        w_t = tl.exp2(_key_float(t_p) - m)
         need = tl.minimum(tl.maximum(tl.ceil((p_mass - mass_hi) / w_t), 1.0), vocab * 1.0)
-        quota_p = tl.where(on_k & (lo_p == t_key), tl.minimum(need.to(tl.int32), quota_k),
+        quota_p = tl.where(on_k & (t_p == t_key), tl.minimum(need.to(tl.int32), quota_k),
                            need.to(tl.int32))
-        t_key = tl.where(on_p, lo_p, t_key)
+        t_key = tl.where(on_p, t_p, t_key)
         quota = tl.where(on_p, quota_p, quota)
 
-    # Pass 3: inverse CDF inside each block, reservoir sampling across blocks.
+    # Pass 3: draw, from the candidate lists where the rows have them.
+    min_p = tl.zeros([ROWS], dtype=tl.float32)
     if HAS_MIN_P:
         min_p = tl.load(min_p_ptr + rows, mask=row_ok, other=0.0)
     seed = tl.load(seed_ptr + rows, mask=row_ok, other=0)
@@ -263,38 +404,17 @@ def _sampling_kernel(
     step_hi = ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)
     stream = (rows * (1 - SEED_PER_ROW)).to(tl.uint32)  # per-row seeds: one stream per seed
     pick = tl.full([ROWS], -1, dtype=tl.int32)
-    seen = tl.zeros([ROWS], dtype=tl.float32)
-    tie_seen = tl.zeros([ROWS], dtype=tl.int32)
-    for start in range(0, vocab, BLOCK):
-        block_y = tl.load(bmax_row + start // BLOCK, mask=sampling, other=float("-inf"))
-        useful = sampling & (_float_key(block_y) >= t_key)
-        if HAS_MIN_P:
-            useful = useful & (tl.exp2(block_y - m) >= min_p)
-        if tl.max(useful.to(tl.int32)) > 0:
-            cols = start + cols0
-            x, y = _load_scaled(row_base, row_ok, cols, vocab, scale)
-            key = _float_key(y)
-            w = tl.exp2(y - m[:, None])
-            tie = (key == t_key[:, None]).to(tl.int32)
-            tie_rank = tie_seen[:, None] + tl.cumsum(tie, axis=1) - tie
-            tie_seen += tl.sum(tie, axis=1)
-            kept = (key > t_key[:, None]) | ((tie == 1) & (tie_rank < quota[:, None]))
-            kept = kept & (w > 0.0)
-            if HAS_MIN_P:
-                kept = kept & (w >= min_p[:, None])
-            wk = tl.where(kept, w, 0.0)
-            block_mass = tl.sum(wk, axis=1)
-            cdf = tl.cumsum(wk, axis=1)
-            block_id = (rows * 0 + start // BLOCK).to(tl.uint32)
-            r0, r1, _r2, _r3 = tl.philox(seed, block_id, step_lo, step_hi, stream)
-            target = _uniform(r0) * block_mass
-            idx = tl.min(tl.where(cdf > target[:, None], cols0[None, :], BLOCK), axis=1)
-            last = tl.max(tl.where(kept, cols0[None, :], -1), axis=1)
-            idx = tl.where(idx == BLOCK, last, idx)
-            earlier = seen
-            seen += block_mass
-            take = (block_mass > 0.0) & ((earlier == 0.0) | (_uniform(r1) * seen < block_mass))
-            pick = tl.where(take, start + idx, pick)
+    from_logits = sampling & ~compacted
+    if tl.max(from_logits.to(tl.int32)) > 0:
+        pick = _draw(row_base, row_ok, vocab, scale, m, bmax_row, cand_key, cand_idx, n_cand,
+                     from_logits, t_key, quota, min_p, seed, step_lo, step_hi, stream, vocab,
+                     False, HAS_MIN_P, ROWS, BLOCK)
+    from_cand = sampling & compacted
+    if tl.max(from_cand.to(tl.int32)) > 0:
+        pick_c = _draw(row_base, row_ok, vocab, scale, m, bmax_row, cand_key, cand_idx, n_cand,
+                       from_cand, t_key, quota, min_p, seed, step_lo, step_hi, stream, CAP,
+                       True, HAS_MIN_P, ROWS, BLOCK)
+        pick = tl.where(from_cand, pick_c, pick)
     token = tl.where(sampling & (pick >= 0), pick, best_idx)
     tl.store(tokens_ptr + rows, token.to(tl.int64), mask=row_ok)
     if WANT_LOGPROBS:
@@ -421,14 +541,21 @@ def _validate(logits: torch.Tensor, temperature: object, top_k: object, top_p: o
 # --------------------------------------------------------------------------------------
 
 
-def _launch_config(batch: int, vocab: int, device: torch.device) -> tuple[int, int, int]:
-    """(rows per program, block, num_warps): the block depends only on vocab and device."""
+def _launch_config(batch: int, vocab: int, device: torch.device
+                   ) -> tuple[int, int, int, int, int]:
+    """(rows per program, block, candidate capacity, pivots per pass, num_warps).
+
+    Block and capacity depend only on the vocabulary size and the device kind,
+    never on the batch, so a row's token does not depend on its neighbours.
+    Under the interpreter a program takes a tile of rows (a small capacity
+    there makes the tests cover both the candidate and the full-vocabulary path).
+    """
     if interpreting() and device.type == "cpu":
         block = min(triton.next_power_of_2(vocab), 256)
         rows = min(triton.next_power_of_2(batch), max(1, 65536 // block))
-        return rows, block, 1
+        return rows, block, max(block // 2, 16), 16, 1
     block = min(triton.next_power_of_2(vocab), 1024)
-    return 1, block, 8
+    return 1, block, 4 * block, 16, 8
 
 
 def sample(
@@ -465,20 +592,22 @@ def sample(
     check_triton_device("logits", logits)
     check_last_dim_contiguous("logits", logits)
     batch, vocab = logits.shape
-    rows, block, num_warps = _launch_config(batch, vocab, logits.device)
+    rows, block, cap, pivots, num_warps = _launch_config(batch, vocab, logits.device)
     tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(batch if return_logprobs else 1, dtype=torch.float32,
                            device=logits.device)
     status = torch.empty(batch, dtype=torch.int32, device=logits.device)
     n_blocks = triton.cdiv(vocab, block)
     block_max = torch.empty(batch * n_blocks, dtype=torch.float32, device=logits.device)
+    cand_key = torch.empty(batch * cap, dtype=torch.int32, device=logits.device)
+    cand_idx = torch.empty(batch * cap, dtype=torch.int32, device=logits.device)
     _sampling_kernel[(triton.cdiv(batch, rows),)](
         logits, logits.stride(0), batch, vocab,
         params.temperature, params.top_k, params.top_p, params.min_p, params.seed, params.step,
-        tokens, logprobs, status, block_max, n_blocks,
+        tokens, logprobs, status, block_max, n_blocks, cand_key, cand_idx,
         HAS_TOP_K=params.has_top_k, HAS_TOP_P=params.has_top_p, HAS_MIN_P=params.has_min_p,
         SEED_PER_ROW=params.seed_per_row, WANT_LOGPROBS=return_logprobs,
-        ROWS=rows, BLOCK=block, PIVOTS=16, MAX_PASSES=24, num_warps=num_warps,
+        ROWS=rows, BLOCK=block, PIVOTS=pivots, CAP=cap, MAX_PASSES=24, num_warps=num_warps,
     )
     bad = status.nonzero()
     if bad.numel():
