@@ -195,24 +195,32 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                    lo, hi, offs_m, offs_n, offs_d, seqlen_q, diag, qk_scale,
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
+                    stride_dot, stride_doh, stride_lse_h, lo, hi, offs_m, offs_n, offs_d,
+                    seqlen_q, diag, qk_scale, GROUP: tl.constexpr,
                     CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate one key block's dK, dV over query blocks [lo, hi) of one query head.
+    """Accumulate one key block's dK, dV over query blocks [lo, hi) of each of the GROUP
+    query heads sharing its K/V head (one flat loop over (head, block) pairs).
 
     Works on transposed scores (keys on rows) so no probability tile is transposed.
     """
-    for start_m in range(lo, hi, BLOCK_M):
+    n_blocks = tl.maximum(hi - lo + BLOCK_M - 1, 0) // BLOCK_M
+    for it in range(0, GROUP * n_blocks):
+        g = it // n_blocks
+        start_m = lo + (it - g * n_blocks) * BLOCK_M
         rows = start_m + offs_m
-        q = _load_rows(q_base, rows, stride_qt, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        do = _load_rows(do_base, rows, stride_dot, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        q = _load_rows(q_base + g * stride_qh, rows, stride_qt, seqlen_q, offs_d, HEAD_DIM,
+                       BLOCK_D, MASKED)
+        do = _load_rows(do_base + g * stride_doh, rows, stride_dot, seqlen_q, offs_d, HEAD_DIM,
+                        BLOCK_D, MASKED)
         if MASKED:
-            lse = tl.load(lse_base + rows, mask=rows < seqlen_q, other=float("inf"))
-            delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
+            lse = tl.load(lse_base + g * stride_lse_h + rows, mask=rows < seqlen_q,
+                          other=float("inf"))
+            delta = tl.load(delta_base + g * stride_lse_h + rows, mask=rows < seqlen_q, other=0.0)
         else:
-            lse = tl.load(lse_base + rows)
-            delta = tl.load(delta_base + rows)
+            lse = tl.load(lse_base + g * stride_lse_h + rows)
+            delta = tl.load(delta_base + g * stride_lse_h + rows)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
         if MASKED and CAUSAL:
@@ -267,24 +275,23 @@ def _attn_bwd_dkdv_kernel(
     band_end = tl.minimum(mid, seqlen_q)
     tail_start = tl.maximum(mid, full_end)
 
-    for g in range(GROUP):
-        head = kv_head * GROUP + g
-        q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
-        do_base = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh
-        lse_base = LSE + head * stride_lse_h + q_start
-        delta_base = DELTA + head * stride_lse_h + q_start
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                 stride_qt, stride_dot, lo, band_end, offs_m, offs_n, offs_d,
-                                 seqlen_q, diag, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_D,
-                                 BLOCK_M, DOT_PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                 stride_qt, stride_dot, mid, full_end, offs_m, offs_n, offs_d,
-                                 seqlen_q, diag, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_D,
-                                 BLOCK_M, DOT_PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                 stride_qt, stride_dot, tail_start, seqlen_q, offs_m, offs_n,
-                                 offs_d, seqlen_q, diag, qk_scale, CAUSAL, True, HEAD_DIM,
-                                 BLOCK_D, BLOCK_M, DOT_PRECISION)
+    head = kv_head * GROUP
+    q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
+    do_base = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh
+    lse_base = LSE + head * stride_lse_h + q_start
+    delta_base = DELTA + head * stride_lse_h + q_start
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                             stride_qh, stride_dot, stride_doh, stride_lse_h, lo, band_end,
+                             offs_m, offs_n, offs_d, seqlen_q, diag, qk_scale, GROUP, CAUSAL,
+                             True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                             stride_qh, stride_dot, stride_doh, stride_lse_h, mid, full_end,
+                             offs_m, offs_n, offs_d, seqlen_q, diag, qk_scale, GROUP, CAUSAL,
+                             False, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                             stride_qh, stride_dot, stride_doh, stride_lse_h, tail_start, seqlen_q,
+                             offs_m, offs_n, offs_d, seqlen_q, diag, qk_scale, GROUP, CAUSAL,
+                             True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
 
     dk_base = DK + k_start.to(tl.int64) * stride_dkt + kv_head * stride_dkh
     dv_base = DV + k_start.to(tl.int64) * stride_dvt + kv_head * stride_dvh
@@ -372,9 +379,8 @@ def _attn_bwd_dq_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, chosen per problem class: 16-bit
 # inputs with head_dim <= 64, 16-bit with 96/128 (128-wide tiles), and fp32 (full-precision
 # dots, twice the shared memory per tile). The 16-bit sets target Hopper (wgmma, 228 KB of
-# shared memory): picked from the sm_90 compiler's register and spill report, they fit
-# without spills for one query head per K/V head (the dK/dV loop over a grouped-query
-# group adds some pressure; at head_dim 128 it spills a little).
+# shared memory): picked from the sm_90 compiler's register and spill report (Triton 3.9,
+# bf16), every one fits in registers without spills, with or without grouped-query heads.
 _TUNING: dict[str, dict[str, list[tuple[int, int, int, int]]]] = {
     "fwd": {
         "d64": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
@@ -394,6 +400,7 @@ _TUNING: dict[str, dict[str, list[tuple[int, int, int, int]]]] = {
         "fp32": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
     },
 }
+_TUNE_KEY = ["seqlen_key", "HEAD_DIM", "CAUSAL", "GROUP"]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)
 
 
@@ -421,7 +428,6 @@ def _autotuned(kernel, table: dict[str, list[tuple[int, int, int, int]]]):
                            prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-_TUNE_KEY = ["seqlen_key", "HEAD_DIM", "CAUSAL", "GROUP"]
 _fwd = _autotuned(_attn_fwd_kernel, _TUNING["fwd"])
 _bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, _TUNING["dkdv"])
 _bwd_dq = _autotuned(_attn_bwd_dq_kernel, _TUNING["dq"])
