@@ -2,21 +2,27 @@
 
 ``sample`` turns a batch of logits into one token per row in a few streaming
 passes over the vocabulary, one program per row (or per tile of rows when the
-vocabulary is small):
+vocabulary is small, as under the interpreter):
 
-1. max, sum of exponentials (online softmax), argmax and a NaN check;
-2. the top-k / top-p cut-off found by a bracketed multi-pivot search: every pass
-   counts the tokens and sums the probability mass at or above ``PIVOTS`` pivot
-   values at once and keeps the sub-interval where the cut-off lies. Pivots are
-   spread both in value (fast on real logits) and in the bit pattern of the
-   float (an exact answer after a bounded number of passes), and each pass
-   also shrinks the interval to the data it holds, so the search stops as soon
-   as the interval holds a single distinct value. Ties at the cut-off are
-   resolved by token id: a tie quota says how many of the tied tokens (lowest
-   ids first) survive;
-3. sampling by inverse CDF inside each block of the vocabulary, combined across
-   blocks by weighted reservoir sampling, with min-p applied on the fly; the
-   random numbers come from Philox keyed by (seed, step, stream, block).
+1. max, sum of exponentials (online softmax), argmax, the maximum of every
+   block of the vocabulary, and a NaN check;
+2. the top-k, then the top-p cut-off, each by a bracketed multi-pivot search:
+   a pass counts the tokens and sums the probability mass at or above
+   ``PIVOTS`` pivots at once and keeps the sub-interval where the cut-off
+   lies. Half the pivots are spread evenly in value (fast on real logits),
+   half evenly in the bits of the float (an exact answer after a bounded
+   number of passes), and each pass also shrinks the interval to the data it
+   holds, so the search stops once the interval holds a single value. Blocks
+   whose maximum lies below the interval are skipped. As soon as at most
+   ``CAP`` tokens lie at or above the interval, they are copied (key and token
+   id, in token order) to a per-row candidate list and the search finishes
+   there. Ties at the cut-off are resolved by token id: a tie quota says how
+   many of the tied tokens (lowest ids first) survive;
+3. sampling by inverse CDF inside each block of the candidate list (or of the
+   vocabulary, for rows whose kept set is larger than ``CAP`` or that filter
+   with min-p only), combined across blocks by weighted reservoir sampling,
+   with min-p applied on the fly; the random numbers come from Philox keyed by
+   (seed, step, stream, block).
 
 Filter semantics (shared with the references below): scale logits by
 ``1/temperature``; top-k keeps the ``k`` largest (ties toward lower token ids,
@@ -29,9 +35,9 @@ greedy (the lowest id among the largest logits).
 Random numbers: with a scalar (or drawn) seed, row ``r`` uses the stream
 ``(seed, step, r)``; with a ``(batch,)`` seed tensor, a row uses
 ``(seed[r], step[r])`` alone, so a request gets the same tokens wherever it
-sits in the batch. The kernel's block size depends only on the vocabulary size
-and the device kind, never on the batch, so the same inputs give the same
-tokens on the same device.
+sits in the batch. Block size and candidate capacity depend only on the
+vocabulary size and the device kind, never on the batch, so the same inputs
+give the same tokens on the same device.
 """
 
 from __future__ import annotations
@@ -480,6 +486,8 @@ def _row_param(name: str, value: object, default: float, batch: int, device: tor
         raise TypeError(f"{name} must be a number or a (batch,) tensor, got {type(value).__name__}")
     if integer and not float(value).is_integer():
         raise ValueError(f"{name} must be an integer, got {value!r}")
+    if integer and not -(2**63) <= value <= _SEED_MAX:
+        raise ValueError(f"{name} must fit in int64, got {value!r}")
     message, ok = _RULES[name]
     if not ok(torch.tensor(float(value))):
         raise ValueError(f"{name} {message}, got {value!r}")
@@ -587,6 +595,9 @@ def sample(
         ``tokens: (batch,) int64``, and with ``return_logprobs`` also
         ``logprobs: (batch,) fp32``, the log-softmax of the unfiltered,
         untempered logits at the sampled token.
+
+    The kernel flags NaN logits and rows without a finite logit itself; reading
+    that flag back to raise ``ValueError`` is the call's one device sync.
     """
     params = _validate(logits, temperature, top_k, top_p, min_p, seed, step, scan_logits=False)
     check_triton_device("logits", logits)

@@ -6,8 +6,9 @@ filters {top-k 50, top-p 0.9, top-k 50 + top-p 0.9, min-p 0.05}, temperature
 keeps hundreds to thousands of tokens, top-k 50 a few dozen). Implementations:
 
 - ``llm_engine``: ``sample`` (multi-pivot threshold search, no sort);
-- ``torch sort``: the sort-based reference, ``filtered_probs_reference``
-  (softmax, sort, cumsum, masks) then one batched ``torch.multinomial``;
+- ``torch sort``: the sort-based reference's math (``filtered_probs_reference``
+  without its argument and NaN checks: sort, softmax, cumsum, masks) then one
+  batched ``torch.multinomial``;
 - ``torch multinomial``: ``torch.multinomial(softmax(logits / T))`` with no
   filtering at all, the floor of what sampling costs in eager PyTorch;
 - FlashInfer's sampling functions (``top_k_sampling_from_probs``,
@@ -35,7 +36,13 @@ import torch
 
 from llm_engine.bench.common import OURS, Ceilings, Row, time_ms
 from llm_engine.kernels._utils import interpreting
-from llm_engine.kernels.sampling import filtered_probs_reference, sample, sample_reference
+from llm_engine.kernels.sampling import (
+    _filtered_probs,
+    _validate,
+    filtered_probs_reference,
+    sample,
+    sample_reference,
+)
 
 SUITE = "sampling"
 TEMPERATURE = 0.8
@@ -62,9 +69,11 @@ def make_logits(batch: int, vocab: int, device: str, seed: int = 0) -> torch.Ten
     return torch.randn(batch, vocab, device=device, generator=g) * LOGIT_SCALE
 
 
-def _torch_sort(logits: torch.Tensor, kw: dict) -> torch.Tensor:
-    probs = filtered_probs_reference(logits, TEMPERATURE, **kw)
-    return torch.multinomial(probs, 1)[:, 0]
+def _torch_sort(logits: torch.Tensor, kw: dict) -> Callable[[], torch.Tensor]:
+    """The reference's math (arguments checked once, outside the timed call)."""
+    params = _validate(logits, TEMPERATURE, kw.get("top_k"), kw.get("top_p"), kw.get("min_p"),
+                       0, 0, scan_logits=False)
+    return lambda: torch.multinomial(_filtered_probs(logits, params), 1)[:, 0]
 
 
 def _torch_multinomial(logits: torch.Tensor) -> torch.Tensor:
@@ -127,8 +136,8 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
                 ours = lambda lg=logits, kw=kw: sample_reference(lg, TEMPERATURE, seed=0, **kw)
                 note = "CPU: the engine's PyTorch path (sample_reference), not the kernel"
             yield row(OURS, ours, note)
-            yield row("torch sort", lambda lg=logits, kw=kw: _torch_sort(lg, kw),
-                      "softmax + sort + cumsum + masks + multinomial")
+            yield row("torch sort", _torch_sort(logits, kw),
+                      "sort + softmax + cumsum + masks + multinomial")
             yield row("torch multinomial", lambda lg=logits: _torch_multinomial(lg),
                       "unfiltered: multinomial(softmax), ignores the filters")
             if fs is None:
