@@ -44,7 +44,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate every N steps (0: only before and after training)")
     p.add_argument("--eval-examples", type=int, help="validation windows per evaluation")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (0: at the end)")
-    p.add_argument("--log-every", type=int, help="log training metrics every N steps")
+    p.add_argument("--log-every", type=int, help="log mean training metrics every N steps")
     p.add_argument("--seed", type=int, help="data order and initialisation seed")
     p.add_argument("--vocab-size", type=int, help="size of a newly trained BPE vocabulary")
     p.add_argument("--tokenizer", help="'train', 'smollm2' or a tokenizer directory "

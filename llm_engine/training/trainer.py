@@ -411,12 +411,15 @@ class Trainer:
                    disable=not (cfg.progress and self.dist.is_main), file=sys.stderr)
         try:
             evals.append(self._eval_and_log())
+            window: list[dict[str, float]] = []  # steps since the last log record
             while self.step < cfg.steps:
                 metrics = self.train_step()
+                window.append(metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    self._log(metrics)
+                    self._log(_mean_metrics(window))
+                    window = []
                 last = self.step == cfg.steps
                 if (cfg.eval_every > 0 and self.step % cfg.eval_every == 0) or last:
                     evals.append(self._eval_and_log())
@@ -435,6 +438,16 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous)
         return {"first_eval": evals[0], "last_eval": evals[-1], "step": self.step,
                 "parameters": self.model.num_parameters()}
+
+
+def _mean_metrics(window: list[dict[str, float]]) -> dict[str, float]:
+    """One log record for consecutive steps: the last step's number, LR and gradient norm,
+    the mean loss, and throughput over the whole window."""
+    last = window[-1]
+    total_ms = sum(m["step_ms"] for m in window)
+    tokens = sum(m["tokens_per_s"] * m["step_ms"] for m in window) / 1e3
+    return {**last, "loss": sum(m["loss"] for m in window) / len(window),
+            "tokens_per_s": tokens / (total_ms / 1e3), "step_ms": total_ms / len(window)}
 
 
 def _in_main_thread() -> bool:
@@ -511,7 +524,7 @@ def build_data(cfg: TrainConfig, tokenizer: Tokenizer, info: DistInfo
     train = data_lib.TokenWindows(shards.train, cfg.seq_len)
     val = data_lib.TokenWindows(shards.val, cfg.seq_len)
     if cfg.data == "stdlib":
-        prompts = ["def ", "import ", "class "]
+        prompts = ["def", "import", "class"]
     else:
         prompts = [tokenizer.decode(val.get(np.array([o]))[0][0, :8].tolist())
                    for o in data_lib.eval_indices(val.num_choices, 3)]
