@@ -286,7 +286,7 @@ def test_closing_a_stream_early_aborts_the_request(model, tokenizer):
 def test_detokenizer_holds_back_split_characters(tokenizer):
     text = "héllo wörld 世界 🙂🙂 ok"
     ids = tokenizer.encode(text)
-    detok = IncrementalDetokenizer(tokenizer)
+    detok = IncrementalDetokenizer(tokenizer, incremental=True)
     deltas = []
     for t in ids:
         assert detok.add_token(t) is None

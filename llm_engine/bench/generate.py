@@ -60,7 +60,7 @@ class _Sizes:
 def _sizes(device: str, quick: bool) -> _Sizes:
     if torch.device(device).type == "cuda":
         return _Sizes(64, 64, 128, 64, 32, 2) if quick else _Sizes(256, 256, 512, 256, 64, 3)
-    return _Sizes(8, 4, 16, 8, 4, 1) if quick else _Sizes(64, 32, 128, 64, 32, 2)
+    return _Sizes(8, 4, 16, 8, 4, 1) if quick else _Sizes(64, 32, 64, 64, 32, 1)
 
 
 def hf_from_ours(model: Transformer):

@@ -178,8 +178,10 @@ class Engine:
                 f"{self.block_manager.num_blocks}; raise kv_cache_memory or lower max_tokens")
 
     def add_request(self, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams, request_id: str | None = None) -> Request:
-        """Validate and queue a request (``prompt`` is its text, if it came as text)."""
+                    params: SamplingParams, request_id: str | None = None,
+                    stream: bool = False) -> Request:
+        """Validate and queue a request (``prompt`` is its text, if it came as text).
+        ``stream``: its text will be read while it runs (decode it token by token)."""
         self.check_request(prompt_token_ids, params)
         request_id = str(next(self._request_ids)) if request_id is None else request_id
         if request_id in self.requests:
@@ -188,7 +190,7 @@ class Engine:
         seeds = [_child_seed(base, i) for i in range(params.n)]
         request = Request(request_id, prompt, list(prompt_token_ids), params, seeds,
                           forked=params.n == 1)
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop_strings)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop_strings, incremental=stream)
         seq = Sequence(next(self._seq_ids), request, 0, seeds[0], detok)
         request.seqs.append(seq)
         self.requests[request_id] = request

@@ -130,7 +130,7 @@ class LLM:
 
     def _stream(self, prompt: str | None, ids: list[int],
                 params: SamplingParams) -> Iterator[str]:
-        request = self.engine.add_request(prompt, ids, params)
+        request = self.engine.add_request(prompt, ids, params, stream=True)
         seq = request.seqs[0]
         try:
             while not seq.is_finished:
