@@ -316,13 +316,17 @@ def test_tiny_preset_on_stdlib_lowers_validation_loss(tmp_path, capsys):
         "--preset", "tiny", "--data", "stdlib", "--out", str(out), "--steps", "50",
         "--batch-size", "8", "--seq-len", "64", "--vocab-size", "512",
         "--stdlib-max-bytes", "400000", "--eval-every", "25", "--eval-examples", "32",
-        "--warmup-steps", "5", "--lr", "1e-3", "--num-samples", "0", "--no-progress",
+        "--warmup-steps", "5", "--lr", "1e-3", "--num-samples", "2", "--no-progress",
         "--model-config", json.dumps(dict(TINY_MODEL, hidden_size=64, intermediate_size=128)))
     assert handle(args) == 0
     evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in evals if "val_loss" in r]
     assert val[0] > math.log(512) - 0.5  # starts near uniform over the vocabulary
     assert val[0] > val[1] > val[2] and val[2] < val[0] - 0.4, val
+    samples = [r["samples"] for r in evals if "val_loss" in r]
+    assert all(len(s) == 2 and s[0].startswith("def") and s[1].startswith("import")
+               for s in samples)
+    assert samples[-1][0] != "def"  # the continuation is there
     assert "val loss" in capsys.readouterr().out
     assert ckpt_lib.latest_checkpoint(out).name == "step_0000050"
 

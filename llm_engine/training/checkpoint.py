@@ -2,8 +2,8 @@
 
 A checkpoint is a directory ``<out>/checkpoints/step_<N>/`` (N optimizer steps done):
 
-- ``config.json``, ``model.safetensors``, ``tokenizer*.json``: the model in the engine's
-  own format (``llm_engine.loader.save_pretrained``), so ``load_model(<dir>)`` loads it;
+- the model and tokenizer in the engine's own format (written by
+  ``llm_engine.loader.save_pretrained``), so ``load_model(<dir>)`` loads a checkpoint;
 - ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors and param groups;
 - ``rng.safetensors``: torch CPU and CUDA generator states;
 - ``trainer_state.json``: step, scheduler state, data position, Python and NumPy RNG

@@ -299,18 +299,18 @@ class Trainer:
         if not prompts:
             return []
         from llm_engine import LLM, SamplingParams
-        from llm_engine.engine.model_runner import kv_bytes_per_block
 
         block = 16
         longest = max(len(self.tokenizer.encode(p)) for p in prompts) + self.cfg.sample_tokens
         blocks = len(prompts) * (longest // block + 2)
-        dtype = next(self.model.parameters()).dtype
+        c = self.model.config
+        block_bytes = (2 * c.num_layers * block * c.num_kv_heads * c.head_dim
+                       * next(self.model.parameters()).element_size())  # K and V, all layers
         self.model.eval()
         try:
             llm = LLM.from_modules(self.model, self.tokenizer, enforce_eager=True,
                                    block_size=block, max_num_seqs=len(prompts),
-                                   kv_cache_memory=blocks * kv_bytes_per_block(self.model, block,
-                                                                               dtype))
+                                   kv_cache_memory=blocks * block_bytes)
             params = [SamplingParams(temperature=0.8, max_tokens=self.cfg.sample_tokens, seed=i)
                       for i in range(len(prompts))]
             outputs = llm.generate(prompts, params, use_tqdm=False)
