@@ -142,6 +142,14 @@ def _measure(name, attn, q, k, v, grad_out, causal, ref_out, ref_grads, flops, c
 
 
 def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
+    """Rows one at a time, each measured row with its fraction of the matmul ceiling."""
+    for row in _rows(device, quick):
+        if row.value is not None and ceilings is not None:
+            row.ceiling_frac = row.value / ceilings.matmul_tflops
+        yield row
+
+
+def _rows(device: str, quick: bool) -> Iterator[Row]:
     cuda = torch.device(device).type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     if cuda or interpreting():
