@@ -114,16 +114,17 @@ def _rows_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
 
 def _rows_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                 scale: torch.Tensor, compute_grad: bool) -> torch.Tensor:
-    x = logits.float()
+    x = logits.float()  # an fp32 copy of fp16/bf16 logits; the logits themselves if fp32
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, 0)
     lse = torch.logsumexp(x, dim=-1)
     loss = (lse - x.gather(1, safe_targets[:, None]).squeeze(1)) * valid
     if compute_grad:
-        grad = torch.exp(x - lse[:, None])
-        grad.scatter_add_(1, safe_targets[:, None], -torch.ones_like(grad[:, :1]))
-        grad.mul_((scale * valid)[:, None])
-        logits.copy_(grad)
+        x.sub_(lse[:, None]).exp_()
+        x.scatter_add_(1, safe_targets[:, None], -torch.ones_like(x[:, :1]))
+        x.mul_((scale * valid)[:, None])
+        if x is not logits:
+            logits.copy_(x)
     return loss
 
 
