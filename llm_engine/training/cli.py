@@ -19,15 +19,16 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p = subparsers.add_parser(
         "train", help="pretrain or fine-tune a model",
         description="Train a model from a preset on text files, a folder, the Python standard "
-                    "library ('stdlib') or chat JSONL (supervised fine-tuning).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "library ('stdlib') or chat JSONL (supervised fine-tuning). Options left "
+                    "out take the preset's value; Ctrl-C stops after the current step with a "
+                    "checkpoint, --resume continues from it.")
     add_train_arguments(p)
     return p
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     presets = ", ".join(f"{name} ({preset.description})" for name, preset in PRESETS.items())
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help=presets)
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help=f"{presets}; default tiny")
     p.add_argument("--data", help="'stdlib', a text file or folder, or a .jsonl of "
                                   "{\"messages\": [...]} for fine-tuning")
     p.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
