@@ -555,13 +555,15 @@ def _launch_config(batch: int, vocab: int, device: torch.device
 
     Block and capacity depend only on the vocabulary size and the device kind,
     never on the batch, so a row's token does not depend on its neighbours.
-    Under the interpreter a program takes a tile of rows (a small capacity
-    there makes the tests cover both the candidate and the full-vocabulary path).
+    Under the interpreter a program takes a tile of rows, and blocks are a
+    quarter of the vocabulary and the capacity two blocks, so that small test
+    vocabularies cover several blocks, block skipping, and both the candidate
+    and the full-vocabulary path.
     """
     if interpreting() and device.type == "cpu":
-        block = min(triton.next_power_of_2(vocab), 256)
+        block = min(max(triton.next_power_of_2(vocab) // 4, 8), 256)
         rows = min(triton.next_power_of_2(batch), max(1, 65536 // block))
-        return rows, block, max(block // 2, 16), 16, 1
+        return rows, block, 2 * block, 16, 1
     block = min(triton.next_power_of_2(vocab), 1024)
     return 1, block, 4 * block, 16, 8
 
