@@ -55,8 +55,9 @@ COMBOS = {
     "top_k_top_p": {"temperature": 1.2, "top_k": 12, "top_p": 0.8},
     "min_p": {"temperature": 1.0, "min_p": 0.15},
     "all_three": {"temperature": 1.5, "top_k": 14, "top_p": 0.9, "min_p": 0.05},
-    # Kept sets larger than the interpreter's candidate capacity (half the block):
-    # the cut-offs are found and the draw made on the full vocabulary.
+    # Under the interpreter a vocabulary of 32 is 4 blocks of 8 and the candidate
+    # capacity 16 tokens: kept sets larger than that are cut and drawn on the full
+    # vocabulary; the narrow top-p compacts only after the wide top-k.
     "wide_top_k": {"temperature": 1.0, "top_k": 24},
     "wide_top_k_top_p": {"temperature": 1.5, "top_k": 28, "top_p": 0.95},
     "wide_top_k_narrow_top_p": {"temperature": 1.0, "top_k": 28, "top_p": 0.6},
