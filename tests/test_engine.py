@@ -4,6 +4,7 @@ The weights are scaled up so logits are peaked: greedy decoding then has no
 near-ties, and batched and unbatched fp32 runs must agree token for token.
 """
 
+import copy
 import random
 
 import pytest
@@ -425,4 +426,32 @@ def test_bad_arguments_raise_clear_errors(model, tokenizer):
     tiny = make_llm(model, tokenizer, kv_cache_memory=2 * llm_block_bytes(model))
     with pytest.raises(ValueError, match="can never fit"):
         tiny.generate("hi", SamplingParams(max_tokens=100), use_tqdm=False)
+    assert_all_blocks_free(llm)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_eager_decode_on_the_tiny_model(model, tokenizer):
+    cuda_model = copy.deepcopy(model).cuda()
+    params = SamplingParams(temperature=0, max_tokens=20)
+    prompts = PROMPTS + [p[:7] for p in PROMPTS]
+    graphs = make_llm(cuda_model, tokenizer, max_num_seqs=32)
+    eager = make_llm(cuda_model, tokenizer, max_num_seqs=32, enforce_eager=True)
+    with_graphs = graphs.generate(prompts, params, use_tqdm=False)
+    assert graphs.engine.runner.graphs and not eager.engine.runner.graphs
+    without = eager.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in with_graphs] == \
+        [o.outputs[0].token_ids for o in without]
+    assert_all_blocks_free(graphs)
+
+
+def test_a_stream_finished_by_another_call_still_yields_all_its_text(model, tokenizer):
+    llm = make_llm(model, tokenizer)
+    params = SamplingParams(temperature=0, max_tokens=10)
+    it = llm.stream(PROMPTS[0], params)
+    first = next(it)
+    other = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=30),
+                         use_tqdm=False)
+    rest = "".join(it)
+    assert other[0].outputs[0].finish_reason == "length"
+    assert first + rest == llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].text
     assert_all_blocks_free(llm)

@@ -138,6 +138,10 @@ class LLM:
                 delta = seq.detokenizer.stream_delta(seq.is_finished)
                 if delta:
                     yield delta
+            # Text left when another call's steps finished the request.
+            delta = seq.detokenizer.stream_delta(finished=True)
+            if delta:
+                yield delta
         finally:
             if not seq.is_finished:
                 self.engine.abort(request.request_id)

@@ -28,7 +28,8 @@ class CompletionOutput:
     ``token_ids`` are the generated ids (a stop token id, EOS included, stays in them);
     ``text`` is their decoded text without the stop token or matched stop string.
     ``finish_reason`` is ``"stop"`` (EOS, stop token or stop string), ``"length"``
-    (max_tokens or the model's context) or None while running. ``logprobs``, when
+    (max_tokens or the model's context), ``"abort"`` (cancelled) or None while running;
+    ``stop_reason`` is the matched stop string or stop token id (None for EOS). ``logprobs``, when
     requested, holds for each generated token a dict ``{token_id: logprob}`` with the
     sampled token and the ``SamplingParams.logprobs`` most likely ones.
     """
