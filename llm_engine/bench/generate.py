@@ -31,6 +31,7 @@ for the same prompts (0 for HF itself). Our CUDA rows use CUDA graphs for decode
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -170,7 +171,7 @@ def _flops(model: Transformer, in_tokens: int, out_tokens: int) -> float:
     return 2.0 * body * (in_tokens + out_tokens) + 2.0 * head * out_tokens
 
 
-def _random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return rng.integers(100, vocab, size=(n, length)).tolist()
 
@@ -196,7 +197,11 @@ def run(device: str, quick: bool, ceilings: Ceilings) -> list[Row]:
         hf_note = ""
     except Exception as e:  # transformers missing or incompatible: ours still runs
         hf, hf_note = None, f"HF transformers unavailable: {type(e).__name__}: {e}"
-    backend = "" if cuda else "CPU: PyTorch reference ops, fp32"
+    backend = ""
+    if not cuda:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        backend = (f"CPU: PyTorch reference ops, fp32, {torch.get_num_threads()} threads, "
+                   f"load average {load:.1f} at start")
     rows: list[Row] = []
     rows += _decode_rows(llm, hf, hf_note, device, sizes, ceilings, 1, backend)
     if cuda:
@@ -213,7 +218,7 @@ def _decode_rows(llm, hf, hf_note: str, device: str, sizes: _Sizes, ceilings: Ce
     model = llm.model
     base = llm.tokenizer.encode(PROMPT)
     prompts = [list(base) for _ in range(batch)] if batch == 1 else \
-        _random_prompts(batch, 32, model.config.vocab_size, seed=1)
+        random_prompts(batch, 32, model.config.vocab_size, seed=1)
     new = sizes.decode_new
     case = f"decode-bs{batch}"
     params = {"batch": batch, "new_tokens": new, "prompt_tokens": len(prompts[0])}
@@ -306,7 +311,7 @@ def _prefill_rows(llm, hf, hf_note: str, device: str, sizes: _Sizes,
                   ceilings: Ceilings) -> list[Row]:
     model = llm.model
     n, length = 16, 1024
-    prompts = _random_prompts(n, length, model.config.vocab_size, seed=2)
+    prompts = random_prompts(n, length, model.config.vocab_size, seed=2)
     case = f"prefill-{n}x{length}"
     params = {"requests": n, "input_len": length}
     flops = _flops(model, n * length, 0)
@@ -342,7 +347,7 @@ def _vllm_rows(llm, device: str, sizes: _Sizes) -> list[Row]:
     except ImportError:
         return [Row(SUITE, case, "vllm", "tok/s", None, note="vLLM is not installed")]
     hf = hf_from_ours(llm.model)
-    prompts = _random_prompts(sizes.tp_requests, sizes.tp_in, llm.model.config.vocab_size)
+    prompts = random_prompts(sizes.tp_requests, sizes.tp_in, llm.model.config.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         llm.tokenizer.save(tmp)
