@@ -455,3 +455,13 @@ def test_a_stream_finished_by_another_call_still_yields_all_its_text(model, toke
     assert other[0].outputs[0].finish_reason == "length"
     assert first + rest == llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].text
     assert_all_blocks_free(llm)
+
+
+def test_generation_stops_at_the_model_context(model, tokenizer):
+    llm = make_llm(model, tokenizer)
+    ids = (tokenizer.encode(PROMPTS[8]) * 20)[:CONTEXT - 3]
+    out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 3
+    full = llm.generate((ids * 2)[:CONTEXT], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 1
+    assert_all_blocks_free(llm)
