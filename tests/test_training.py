@@ -346,21 +346,28 @@ def test_torchrun_two_processes_match_one_with_the_same_global_batch(tmp_path):
               "--warmup-steps", "1", "--lr", "1e-2", "--num-samples", "0", "--no-progress",
               "--log-every", "1", "--device", "cpu", "--model-config", json.dumps(TINY_MODEL)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    def launch(*argv: str) -> None:
+        done = subprocess.run([sys.executable, *argv], env=env, timeout=180,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, f"{argv}: exit {done.returncode}\n{done.stderr[-3000:]}"
+
     one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "llm_engine.training", *common, "--out", str(one),
-                    "--batch-size", "4"], check=True, env=env, timeout=120)
-    two = tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node=2", "-m", "llm_engine.training", *common, "--out", str(two),
-                    "--batch-size", "2", "--tokenizer", str(one / "tokenizer")],
-                   check=True, env=env, timeout=180)
+    launch("-m", "llm_engine.training", *common, "--out", str(one), "--batch-size", "4")
+    runs = [one]
+    for name, per_rank in (("two", ["--batch-size", "2"]),
+                           ("two-accum", ["--batch-size", "1", "--grad-accum", "2"])):
+        runs.append(tmp_path / name)
+        launch("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "llm_engine.training", *common, "--out", str(runs[-1]), *per_rank,
+               "--tokenizer", str(one / "tokenizer"))
     logs = [[json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
-            for d in (one, two)]
+            for d in runs]
     train = [[r["loss"] for r in log if "loss" in r] for log in logs]
     val = [[r["val_loss"] for r in log if "val_loss" in r] for log in logs]
-    assert len(train[0]) == len(train[1]) == 4
-    np.testing.assert_allclose(train[1], train[0], rtol=1e-4)
-    np.testing.assert_allclose(val[1], val[0], rtol=1e-4)
+    assert all(len(losses) == 4 for losses in train)
+    for other in (1, 2):
+        np.testing.assert_allclose(train[other], train[0], rtol=1e-4)
+        np.testing.assert_allclose(val[other], val[0], rtol=1e-4)
     assert val[0][-1] < val[0][0]
 
 
