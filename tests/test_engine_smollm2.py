@@ -31,6 +31,15 @@ def varied_prompts(n: int) -> list[str]:
     return prompts
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One CPU thread: a second one buys little here and stalls badly on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def llm() -> LLM:
     return LLM("smollm2", device="cpu", dtype=torch.float32, max_num_seqs=64)
