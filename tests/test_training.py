@@ -54,9 +54,9 @@ def _windows(n_tokens: int = 4000, vocab: int = 300, seq_len: int = 16, seed: in
 
 
 def _trainer(tmp_path: Path, tokenizer, steps: int = 6, **overrides) -> Trainer:
-    cfg = TrainConfig(out_dir=str(tmp_path), steps=steps, batch_size=4, seq_len=16, lr=1e-2,
-                      warmup_steps=2, eval_every=0, ckpt_every=0, eval_examples=8,
-                      num_samples=0, log_every=1, progress=False, **overrides)
+    settings = dict(batch_size=4, seq_len=16, lr=1e-2, warmup_steps=2, eval_every=0,
+                    ckpt_every=0, eval_examples=8, num_samples=0, log_every=1, progress=False)
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=steps, **{**settings, **overrides})
     return Trainer(cfg, _model(), tokenizer, _windows(), _windows(seed=1), device="cpu")
 
 
@@ -221,6 +221,20 @@ def test_resume_from_checkpoint_is_bitwise_identical(tmp_path, tokenizer):
         resumed.train_step()
     _assert_bitwise_equal(_state(straight.model), _state(resumed.model))
     assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
+
+
+def test_resume_takes_the_schedule_from_the_new_config(tmp_path, tokenizer):
+    first = _trainer(tmp_path, tokenizer, steps=4)
+    for _ in range(4):
+        first.train_step()
+    first.save()
+    longer = _trainer(tmp_path, tokenizer, steps=20, lr=5e-3)
+    assert longer.resume() and longer.step == 4
+    expected = 5e-3 * WarmupCosine(2, 20, longer.cfg.min_lr_ratio)(4)
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    assert longer.train_step()["lr"] == pytest.approx(expected)
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        5e-3 * WarmupCosine(2, 20, longer.cfg.min_lr_ratio)(5))
 
 
 def test_ctrl_c_checkpoints_after_the_step_and_resume_continues(tmp_path, tokenizer):

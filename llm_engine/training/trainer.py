@@ -329,7 +329,13 @@ class Trainer:
                                self.scheduler, state, keep_last=self.cfg.keep_checkpoints)
 
     def resume(self, path: str | os.PathLike | None = None) -> bool:
-        """Load the latest (or given) checkpoint; False when there is none."""
+        """Load the latest (or given) checkpoint; False when there is none.
+
+        Weights, optimizer moments, step and RNG states come from the checkpoint; the
+        hyperparameters (peak LR, schedule length, warmup, weight decay, betas) are this
+        run's config, so ``--steps`` can extend a finished run. With an unchanged config the
+        run continues bit for bit.
+        """
         path = Path(path) if path is not None else latest_checkpoint(self.out)
         if path is None:
             return False
@@ -339,11 +345,24 @@ class Trainer:
             raise ValueError(f"checkpoint {path} was trained with global batch {saved_batch}, "
                              f"this run has {self.global_batch}: resuming would change the data")
         self.step = state["step"]
+        self._apply_hyperparameters()
         if self.dist.is_main and self.log_path.is_file():
             kept = [line for line in self.log_path.read_text().splitlines()
                     if json.loads(line).get("step", 0) <= self.step]
             self.log_path.write_text("".join(line + "\n" for line in kept))
         return True
+
+    def _apply_hyperparameters(self) -> None:
+        """Set the optimizer's groups and the LR schedule from ``self.cfg`` (LambdaLR's own
+        formula, ``base_lr * schedule(step)``, so nothing changes when the config doesn't)."""
+        cfg = self.cfg
+        schedule = WarmupCosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        groups = self.optimizer.param_groups
+        self.scheduler.lr_lambdas = [schedule for _ in groups]
+        self.scheduler.base_lrs = [cfg.lr for _ in groups]
+        for group, decay in zip(groups, (cfg.weight_decay, 0.0), strict=True):
+            group.update(initial_lr=cfg.lr, lr=cfg.lr * schedule(self.scheduler.last_epoch),
+                         weight_decay=decay, betas=(cfg.beta1, cfg.beta2))
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
