@@ -40,16 +40,10 @@ class ScheduledBatch:
     ends: np.ndarray  # int64 (n,)
     sample: np.ndarray  # bool (n,)
     copies: list[tuple[int, int]] = field(default_factory=list)
-    num_preempted: int = 0
+    is_decode: bool = field(init=False)  # every sequence computes one token after cached ones
 
-    @property
-    def num_tokens(self) -> int:
-        return int((self.ends - self.starts).sum())
-
-    @property
-    def is_decode(self) -> bool:
-        """Every sequence computes exactly one (its newest) token."""
-        return bool(np.all(self.ends - self.starts == 1)) and bool(np.all(self.starts > 0))
+    def __post_init__(self) -> None:
+        self.is_decode = bool(np.all(self.ends - self.starts == 1) and np.all(self.starts > 0))
 
 
 class Scheduler:
@@ -66,9 +60,6 @@ class Scheduler:
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
-
-    def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_manager.block_size)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -145,7 +136,6 @@ class Scheduler:
             ends=ends,
             sample=ends == totals,
             copies=self.block_manager.take_pending_copies(),
-            num_preempted=len(victims),
         )
 
     def _make_room_for(self, seq: Sequence, victims: list[Sequence]) -> bool:

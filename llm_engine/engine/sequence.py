@@ -126,11 +126,6 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    @property
-    def in_prefill(self) -> bool:
-        """More than one token still to compute (a prompt, or a recomputation after preemption)."""
-        return self.num_tokens - self.num_computed_tokens > 1
-
     def fork(self, seq_id: int, index: int, seed: int) -> Sequence:
         """A sibling completion with the same tokens and cache state (before any sampling)."""
         child = Sequence(seq_id, self.request, index, seed, self.detokenizer.fresh())
