@@ -214,7 +214,8 @@ class Trainer:
         if self.dist.enabled:
             self.loss_module = nn.parallel.DistributedDataParallel(
                 self.loss_module,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)  # the only buffers are constant RoPE tables
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
             fused=self.device.type == "cuda")
