@@ -41,9 +41,9 @@ def tokenizer():
     return data_lib.train_tokenizer([TEXT, "Hello! How are you? I am fine, thanks."], 300)
 
 
-def _model(vocab: int = 320, arch: str = "llama") -> Transformer:
+def _model(vocab: int = 320, arch: str = "llama", **shape: int) -> Transformer:
     torch.manual_seed(0)
-    return Transformer(ModelConfig(arch=arch, vocab_size=vocab, **TINY_MODEL))
+    return Transformer(ModelConfig(arch=arch, vocab_size=vocab, **{**TINY_MODEL, **shape}))
 
 
 def _windows(n_tokens: int = 4000, vocab: int = 300, seq_len: int = 16, seed: int = 0):
@@ -424,7 +424,8 @@ def test_cuda_bf16_steps_with_the_fused_kernel_match_the_plain_loss_and_learn(tm
         cfg = TrainConfig(out_dir=str(tmp_path / out), steps=30, batch_size=8, seq_len=16,
                           lr=1e-2, warmup_steps=2, eval_every=0, ckpt_every=0, eval_examples=16,
                           num_samples=0, progress=False, fused_loss=fused, device="cuda")
-        return Trainer(cfg, _model(), tokenizer, _windows(), _windows(seed=1), device="cuda")
+        model = _model(hidden_size=128, num_heads=2, num_kv_heads=1)  # kernel-sized heads
+        return Trainer(cfg, model, tokenizer, _windows(), _windows(seed=1), device="cuda")
 
     fused, plain = cuda_trainer("fused", True), cuda_trainer("plain", False)
     assert fused.train_step()["loss"] == pytest.approx(plain.train_step()["loss"], rel=1e-2)
