@@ -76,25 +76,18 @@ class Scheduler:
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
+        seq.request.num_finished_seqs += 1
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         items: list[tuple[Sequence, int, int]] = []  # (seq, start, end)
-        victims: list[Sequence] = []
 
         # 1. One decode token per running sequence that has finished its prompt.
-        i = 0
-        while i < len(self.running):
-            seq = self.running[i]
+        victims = self._reserve_decode_slots()
+        for seq in self.running:
             if seq.num_tokens - seq.num_computed_tokens == 1:
-                if seq.num_allocated_tokens < seq.num_tokens:
-                    if not self._make_room_for(seq, victims):
-                        break  # seq itself was the newest, so nothing after it remains
-                    self.block_manager.append_token(seq.seq_id, seq.token_ids[-1])
-                    seq.num_allocated_tokens += 1
                 items.append((seq, seq.num_computed_tokens, seq.num_tokens))
                 budget -= 1
-            i += 1
         for seq in victims:  # newest first, so the oldest ends up at the front
             self.waiting.appendleft(seq)
 
@@ -137,6 +130,31 @@ class Scheduler:
             sample=ends == totals,
             copies=self.block_manager.take_pending_copies(),
         )
+
+    def _reserve_decode_slots(self) -> list[Sequence]:
+        """Give the block manager the newest token of every decoding sequence (the token
+        this step computes), preempting the newest sequences when blocks run out.
+        Returns the preempted sequences, newest first."""
+        bm = self.block_manager
+        pending = [s for s in self.running if s.num_allocated_tokens < s.num_tokens]
+        if not pending:
+            return []
+        ids = np.fromiter((s.seq_id for s in pending), dtype=np.int64, count=len(pending))
+        if bm.num_blocks_to_append(ids) <= bm.num_free_blocks:  # the common case: one call
+            bm.append_tokens(ids, np.fromiter((s.token_ids[-1] for s in pending),
+                                              dtype=np.int32, count=len(pending)))
+            for seq in pending:
+                seq.num_allocated_tokens += 1
+            return []
+        victims: list[Sequence] = []
+        for seq in pending:  # oldest first
+            if seq.status is not Status.RUNNING:
+                continue  # already preempted to make room for an older one
+            if not self._make_room_for(seq, victims):
+                break  # seq itself was the newest, so nothing after it remains
+            bm.append_token(seq.seq_id, seq.token_ids[-1])
+            seq.num_allocated_tokens += 1
+        return victims
 
     def _make_room_for(self, seq: Sequence, victims: list[Sequence]) -> bool:
         """Preempt the newest running sequences until ``seq`` can append its next token.

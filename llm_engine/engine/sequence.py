@@ -165,9 +165,11 @@ class Request:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time,
                                       num_prompt_tokens=len(self.prompt_token_ids))
 
+    num_finished_seqs: int = 0
+
     @property
     def finished(self) -> bool:
-        return self.forked and all(s.is_finished for s in self.seqs)
+        return self.forked and self.num_finished_seqs == len(self.seqs)
 
     def to_output(self) -> RequestOutput:
         self.metrics.num_output_tokens = max((s.num_output_tokens for s in self.seqs), default=0)
