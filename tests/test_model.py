@@ -89,38 +89,33 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
-def test_hf_gpt2_directory_loads_with_identical_logits(tokenizer_dir: str, tmp_path, monkeypatch) -> None:
+def _hf_model(family: str):
     transformers = pytest.importorskip("transformers")
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=48, n_layer=2, n_head=4)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                   max_position_embeddings=64, rope_theta=5000.0,
+                                   tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hf_directory_loads_with_identical_logits(family: str, tokenizer_dir: str, tmp_path,
+                                                  monkeypatch) -> None:
     monkeypatch.setenv("LLM_ENGINE_CACHE", str(tmp_path / "cache"))
-    cfg = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=48, n_layer=2, n_head=4)
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
-    path = _hf_dir_from(hf, tokenizer_dir, str(tmp_path / "gpt2"))
+    hf = _hf_model(family)
+    path = _hf_dir_from(hf, tokenizer_dir, str(tmp_path / family))
     model, tok = load_model(path, device="cpu", dtype=torch.float32)
-    ids = tok.encode("hello world, the quick fox")
+    assert model.config.arch == family
+    ids = tok.encode("hello world, the quick fox jumps")
     with torch.no_grad():
         ours = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)),
                                           AttentionMetadata.for_lengths([len(ids)], "cpu")))
         ref = hf(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     assert tok.eos_token_id == tok.hf.token_to_id("<|endoftext|>")
-
-
-def test_hf_llama_directory_loads_with_identical_logits(tokenizer_dir: str, tmp_path, monkeypatch) -> None:
-    transformers = pytest.importorskip("transformers")
-    monkeypatch.setenv("LLM_ENGINE_CACHE", str(tmp_path / "cache"))
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
-                                   max_position_embeddings=64, rope_theta=5000.0,
-                                   tie_word_embeddings=False)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    path = _hf_dir_from(hf, tokenizer_dir, str(tmp_path / "llama"))
-    model, tok = load_model(path, device="cpu", dtype=torch.float32)
-    ids = tok.encode("the lazy dog jumps")
-    with torch.no_grad():
-        ours = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)),
-                                          AttentionMetadata.for_lengths([len(ids)], "cpu")))
-        ref = hf(torch.tensor([ids])).logits[0]
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_save_pretrained_round_trips(tokenizer_dir: str, tmp_path) -> None:
