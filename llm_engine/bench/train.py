@@ -11,7 +11,8 @@ The data are random tokens (throughput does not depend on them).
   ``F.cross_entropy`` on full logits) and ``torch.compile`` (that plain model compiled).
 - CPU, case ``tiny``: the ``tiny`` preset (4096-token vocabulary, 128 tokens, 8 sequences;
   64 tokens and 4 sequences when ``quick``). Implementations: ``llm_engine`` (fused chunked
-  loss) and ``plain-loss`` (``F.cross_entropy`` on full logits).
+  loss) and ``plain-loss`` (``F.cross_entropy`` on full logits). Their steps alternate and
+  ``ms`` is the median (a shared CPU's load then hits both alike).
 
 ``value`` is tokens/s; ``ceiling_frac`` is MFU: ``model.flops_per_token(seq_len)`` × tokens/s
 over the measured matmul peak (``Ceilings.matmul_tflops``). ``rel_err`` is the relative
@@ -152,30 +153,48 @@ def _cpu_peak_mib(case: _Case, impl: _Impl) -> float:
     return float(json.loads(out.strip().splitlines()[-1])["peak_mib"])
 
 
-def _measure(case: _Case, impl: _Impl, device: str, quick: bool) -> tuple[float, float, float]:
-    """(first step's loss, ms per step, peak MiB beyond model + optimizer)."""
-    cuda = torch.device(device).type == "cuda"
+def _measure_cuda(case: _Case, impl: _Impl, device: str, quick: bool
+                  ) -> tuple[float, float, float]:
+    """(first step's loss, ms per step, peak MiB beyond weights and optimizer state)."""
     with _backend(impl.backend):
         trainer = _trainer(case, impl, device)
         first_loss = trainer.train_step()["loss"]
         for _ in range(2 if impl.compile else 0):  # settle recompilations
             trainer.train_step()
-        peak = 0.0
-        if cuda:
-            synchronize(device)
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            trainer.train_step()
-            synchronize(device)
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        synchronize(device)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        trainer.train_step()
+        synchronize(device)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         ms = time_ms(trainer.train_step, device, quick=quick)
     del trainer
     gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    else:
-        peak = _cpu_peak_mib(case, impl)
+    torch.cuda.empty_cache()
     return first_loss, ms, peak
+
+
+def _measure_cpu(case: _Case, impls: list[_Impl], quick: bool
+                 ) -> dict[str, tuple[float, float, float]]:
+    """Per implementation: (first step's loss, ms per step, peak MiB). The steps of the
+    implementations alternate, so load from other processes on a shared CPU hits them alike;
+    ms is the median over the rounds."""
+    trainers, first_loss = {}, {}
+    for impl in impls:
+        with _backend(impl.backend):
+            trainers[impl.name] = _trainer(case, impl, "cpu")
+            first_loss[impl.name] = trainers[impl.name].train_step()["loss"]
+    times: dict[str, list[float]] = {impl.name: [] for impl in impls}
+    for _ in range(5 if quick else 15):
+        for impl in impls:
+            with _backend(impl.backend):
+                t0 = time.perf_counter()
+                trainers[impl.name].train_step()
+                times[impl.name].append((time.perf_counter() - t0) * 1e3)
+    del trainers
+    gc.collect()
+    return {impl.name: (first_loss[impl.name], float(np.median(times[impl.name])),
+                        _cpu_peak_mib(case, impl)) for impl in impls}
 
 
 def run(device: str, quick: bool, ceilings: Ceilings) -> list[Row]:
@@ -188,11 +207,14 @@ def run(device: str, quick: bool, ceilings: Ceilings) -> list[Row]:
     del model
     tokens = case.batch_size * case.seq_len
     results: dict[str, tuple[float, float, float] | str] = {}
-    for impl in _impls(device):
-        try:
-            results[impl.name] = _measure(case, impl, device, quick)
-        except Exception as e:  # a failing torch.compile must show as a row, not abort
-            results[impl.name] = f"failed: {type(e).__name__}: {e}"[:300]
+    if torch.device(device).type == "cuda":
+        for impl in _impls(device):
+            try:
+                results[impl.name] = _measure_cuda(case, impl, device, quick)
+            except Exception as e:  # a failing torch.compile must show as a row, not abort
+                results[impl.name] = f"failed: {type(e).__name__}: {e}"[:300]
+    else:
+        results.update(_measure_cpu(case, _impls(device), quick))
     plain = results[_impls(device)[1].name]
     rows = []
     for impl in _impls(device):
