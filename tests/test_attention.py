@@ -330,3 +330,16 @@ def test_kernels_compile_for_sm90_without_a_gpu():
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["fwd", "ok", "dkdv", "ok", "dq", "ok"]
+
+
+def test_varlen_reference_dense_path_for_equal_lengths_matches_per_sequence() -> None:
+    q = torch.randn(3 * 5, 6, 32)
+    k = torch.randn(3 * 7, 2, 32)
+    v = torch.randn(3 * 7, 2, 32)
+    cu_q = torch.tensor([0, 5, 10, 15], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 14, 21], dtype=torch.int32)
+    out = attention_varlen_reference(q, k, v, cu_q, cu_k, 5, 7, causal=True)
+    for i in range(3):
+        alone = attention_reference(q[5 * i:5 * i + 5][None], k[7 * i:7 * i + 7][None],
+                                    v[7 * i:7 * i + 7][None], causal=True)[0]
+        torch.testing.assert_close(out[5 * i:5 * i + 5], alone)
