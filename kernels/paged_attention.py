@@ -26,6 +26,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -192,10 +193,13 @@ def store_kv_cache_reference(
     _, block_size, _, _ = _check_store(k, v, k_cache, v_cache, slot_mapping)
     slots = slot_mapping.long()
     keep = slots >= 0
-    slots = slots[keep]
-    blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = k[keep]
-    v_cache[blocks, offsets] = v[keep]
+    if not bool(keep.all()):
+        slots, k, v = slots[keep], k[keep], v[keep]
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        if cache.is_contiguous():
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, new)
+        else:
+            cache[slots // block_size, slots % block_size] = new
 
 
 def _gather_context(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
@@ -233,15 +237,14 @@ def paged_attention_reference(
     blocks = block_tables.long()[:, pos // block_size]
     blocks = torch.where(valid, blocks, torch.zeros_like(blocks))  # padding entries may be garbage
     offsets = (pos % block_size).expand(num_seqs, -1)
-    k = k_cache[blocks, offsets].float()  # (num_seqs, max_len, kv_heads, head_dim)
-    v = v_cache[blocks, offsets].float()
-    qg = q.float().view(num_seqs, kv_heads, group, head_dim)
-    scores = torch.einsum("skgd,stkd->skgt", qg, k) * scale
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = probs.masked_fill((lens == 0)[:, None, None, None], 0.0)  # empty context: zeros
-    out = torch.einsum("skgt,stkd->skgd", probs, v)
-    return out.reshape(num_seqs, heads, head_dim).to(q.dtype)
+    k = k_cache[blocks, offsets].float().transpose(1, 2)  # (num_seqs, kv_heads, max_len, head_dim)
+    v = v_cache[blocks, offsets].float().transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q.float().unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=scale,
+        enable_gqa=group > 1,
+    ).squeeze(2)  # (num_seqs, heads, head_dim)
+    out = out.masked_fill((lens == 0)[:, None, None], 0.0)  # empty context: zeros
+    return out.to(q.dtype)
 
 
 def paged_prefill_attention_reference(
