@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -556,6 +557,5 @@ def rms_norm_reference(
     """Plain-PyTorch ``rms_norm``: same arguments and return convention, math in fp32."""
     h = _residual_sum(x, residual)
     hf = h.float()
-    y = (hf * torch.rsqrt(hf.square().mean(dim=-1, keepdim=True) + eps) * weight.float())
-    y = y.to(x.dtype)
+    y = F.rms_norm(hf, hf.shape[-1:], weight.float(), eps).to(x.dtype)
     return y if residual is None else (y, h)

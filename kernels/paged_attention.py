@@ -207,7 +207,7 @@ def _gather_context(cache: torch.Tensor, table: torch.Tensor, length: int) -> to
     block_size = cache.shape[1]
     n_blocks = -(-length // block_size)
     blocks = table[:n_blocks].long()
-    return cache[blocks].reshape(n_blocks * block_size, *cache.shape[2:])[:length]
+    return cache.index_select(0, blocks).reshape(n_blocks * block_size, *cache.shape[2:])[:length]
 
 
 def paged_attention_reference(
@@ -226,24 +226,25 @@ def paged_attention_reference(
     num_seqs, heads, _ = q.shape
     group = heads // kv_heads
     lens = context_lens.long()
-    max_len = int(lens.max().item())
-    if int(lens.min().item()) < 0 or max_len > block_tables.shape[1] * block_size:
+    min_len, max_len = (int(x) for x in torch.aminmax(lens))
+    if min_len < 0 or max_len > block_tables.shape[1] * block_size:
         raise ValueError(
             f"context_lens must lie in [0, max_blocks * block_size = "
             f"{block_tables.shape[1] * block_size}], got {context_lens.tolist()}"
         )
     pos = torch.arange(max_len, device=q.device)
     valid = pos[None, :] < lens[:, None]  # (num_seqs, max_len)
-    blocks = block_tables.long()[:, pos // block_size]
-    blocks = torch.where(valid, blocks, torch.zeros_like(blocks))  # padding entries may be garbage
-    offsets = (pos % block_size).expand(num_seqs, -1)
-    k = k_cache[blocks, offsets].float().transpose(1, 2)  # (num_seqs, kv_heads, max_len, head_dim)
-    v = v_cache[blocks, offsets].float().transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        q.float().unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=scale,
-        enable_gqa=group > 1,
+    slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size
+    slots = slots.masked_fill(~valid, 0).view(-1)  # padding entries may be garbage
+    # One index_select over the flat slots: several times faster than 2-D indexing on CPU.
+    k, v = (cache.flatten(0, 1).index_select(0, slots).view(num_seqs, max_len, kv_heads, head_dim)
+            .float().transpose(1, 2) for cache in (k_cache, v_cache))  # (seqs, kv_heads, len, d)
+    out = F.scaled_dot_product_attention(  # the mask only when lengths differ
+        q.float().unsqueeze(2), k, v, attn_mask=valid[:, None, None, :] if min_len < max_len else None,
+        scale=scale, enable_gqa=group > 1,
     ).squeeze(2)  # (num_seqs, heads, head_dim)
-    out = out.masked_fill((lens == 0)[:, None, None], 0.0)  # empty context: zeros
+    if min_len == 0:
+        out = out.masked_fill((lens == 0)[:, None, None], 0.0)  # empty context: zeros
     return out.to(q.dtype)
 
 

@@ -62,6 +62,13 @@ class AttentionMetadata:
         return AttentionMetadata(cu, cu, max(lengths), max(lengths))
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose matmul goes through :func:`llm_engine.ops.linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 class Norm(nn.Module):
     """RMSNorm (Llama) or LayerNorm (GPT-2), optionally fused with the residual add."""
 
@@ -87,27 +94,25 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         bias = config.arch == "gpt2"
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=bias)
         self.use_rope = config.arch == "llama"
         self.scale = self.head_dim**-0.5
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
         attn: AttentionMetadata,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         kv_cache: KVCache | None,
     ) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim)
         if self.use_rope:
-            q = ops.apply_rope(q, positions, *rope)
-            k = ops.apply_rope(k, positions, *rope)
+            qk = ops.apply_rope(qk, *rope)  # q and k heads rotate together
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
             ops.store_kv_cache(k, v, k_cache, v_cache, attn.slot_mapping)
@@ -138,8 +143,8 @@ class MLP(nn.Module):
         self.gated = config.arch == "llama"
         bias = config.arch == "gpt2"
         width = config.intermediate_size * (2 if self.gated else 1)
-        self.up_proj = nn.Linear(config.hidden_size, width, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.up_proj = Linear(config.hidden_size, width, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up_proj(x)
@@ -166,7 +171,6 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None,
-        positions: torch.Tensor,
         attn: AttentionMetadata,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         kv_cache: KVCache | None,
@@ -175,7 +179,7 @@ class Block(nn.Module):
             h, residual = self.attn_norm(x), x
         else:
             h, residual = self.attn_norm(x, residual)
-        h = self.attn(h, positions, attn, rope, kv_cache)
+        h = self.attn(h, attn, rope, kv_cache)
         h, residual = self.mlp_norm(h, residual)
         return self.mlp(h), residual
 
@@ -195,7 +199,7 @@ class Transformer(nn.Module):
         self.norm = Norm(config.hidden_size, config.norm_eps,
                          "rms" if config.arch == "llama" else "layer")
         self.lm_head = (None if config.tie_word_embeddings
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+                        else Linear(config.hidden_size, config.vocab_size, bias=False))
         # RoPE tables stay fp32 whatever dtype the weights take, so they are not buffers.
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.gradient_checkpointing = False
@@ -246,14 +250,16 @@ class Transformer(nn.Module):
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
         rope = self.rope_tables(input_ids.device)
+        if rope is not None:
+            rope = ops.rope_at(positions, *rope)
         residual = None
         for i, layer in enumerate(self.layers):
             cache = None if kv_caches is None else kv_caches[i]
             if self.gradient_checkpointing and self.training:
-                x, residual = checkpoint(layer, x, residual, positions, attn, rope, cache,
+                x, residual = checkpoint(layer, x, residual, attn, rope, cache,
                                          use_reentrant=False)
             else:
-                x, residual = layer(x, residual, positions, attn, rope, cache)
+                x, residual = layer(x, residual, attn, rope, cache)
         x, _ = self.norm(x, residual)
         return x
 
@@ -266,7 +272,7 @@ class Transformer(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(T, vocab)`` logits of ``hidden: (T, hidden_size)``."""
-        return F.linear(hidden, self.lm_head_weight)
+        return ops.linear(hidden, self.lm_head_weight)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

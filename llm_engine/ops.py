@@ -12,6 +12,7 @@ import importlib
 import os
 
 import torch
+import torch.nn.functional as F
 
 # Modules, not names: ``llm_engine.kernels`` re-exports functions that share their
 # module's name (``layer_norm``, ``paged_attention``), so attribute import is ambiguous.
@@ -36,6 +37,55 @@ def backend_for(t: torch.Tensor) -> str:
 
 def _triton(t: torch.Tensor) -> bool:
     return backend_for(t) == "triton"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (..., in) @ weight (out, in).T + bias (out,)``, in ``x``'s dtype.
+
+    On CPU (fp32 or bf16) the matmuls go through oneDNN rather than PyTorch's
+    default CPU GEMM (MKL), which on AMD CPUs runs its slower non-AVX-512 path:
+    oneDNN is 2-3x faster there at every batch size an LLM decodes or prefills
+    (see ``benchmarks/``). Elsewhere: ``F.linear`` (cuBLAS on CUDA).
+    """
+    if not _onednn_linear_ok(x, weight, bias):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _onednn_mm(x, weight, bias)
+
+
+def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (x.device.type == "cpu" and x.dim() >= 2 and x.numel() > 0
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and weight.dtype == x.dtype and weight.dim() == 2
+            and (bias is None or bias.dtype == x.dtype)
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _onednn_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN; has no autograd of its own."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """The CPU linear with its backward also through oneDNN:
+    ``dx = dy @ W`` and ``dW = dy.T @ x`` are the same op on transposed views."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_mm(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        dx = _onednn_mm(dy, weight.t(), None) if ctx.needs_input_grad[0] else None
+        dw = _onednn_mm(dy2.t(), x2.t(), None) if ctx.needs_input_grad[1] else None
+        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
 
 
 def layer_norm(
@@ -161,15 +211,24 @@ def rope_cos_sin(
     return angles.cos().float().to(device), angles.sin().float().to(device)
 
 
-def apply_rope(
-    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> torch.Tensor:
-    """Rotate ``x (tokens, heads, head_dim)`` by its ``positions (tokens,)`` (half-split layout).
+def rope_at(
+    positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary factors at ``positions (tokens,)`` for :func:`apply_rope`, from the
+    ``(max_positions, head_dim // 2)`` tables: ``(cos, cos)`` and ``(-sin, sin)`` side by
+    side, each ``(tokens, 1, head_dim)``. Built once per forward, shared by every layer."""
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    return torch.cat((c, c), dim=-1), torch.cat((-s, s), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x (tokens, heads, head_dim)`` by the factors of :func:`rope_at`
+    (half-split layout).
 
     The first and second halves of the head dimension form the (real, imaginary)
-    pairs, as in HF Llama. Computed in fp32, returned in ``x``'s dtype.
+    pairs, as in HF Llama: ``x * cos + swap_halves(x) * sin``, with the sign folded
+    into ``sin``. Computed in fp32, returned in ``x``'s dtype.
     """
-    c = cos[positions].unsqueeze(1)
-    s = sin[positions].unsqueeze(1)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return torch.addcmul(xf * cos, torch.cat((x2, x1), dim=-1), sin).to(x.dtype)

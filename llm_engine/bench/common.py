@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from llm_engine import ops
+
 OURS = "llm_engine"
 """``Row.impl`` of this engine's own implementation; every other impl is a reference."""
 
@@ -23,7 +25,7 @@ class Ceilings:
 
     device_name: str
     bandwidth_gbps: float  # device-to-device copy, bytes read + written
-    matmul_tflops: float  # large matmul in the benchmark dtype (bf16 on CUDA, fp32 on CPU)
+    matmul_tflops: float  # large matmul through ops.linear (bf16 cuBLAS on CUDA, fp32 oneDNN on CPU)
 
 
 @dataclass
@@ -111,6 +113,6 @@ def measure_ceilings(device: str | torch.device, *, quick: bool = False) -> Ceil
     bandwidth = 2 * nbytes / (copy_ms * 1e-3) / 1e9
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    mm_ms = time_ms(lambda: a @ b, device, quick=quick)
+    mm_ms = time_ms(lambda: ops.linear(a, b), device, quick=quick)
     tflops = 2 * n**3 / (mm_ms * 1e-3) / 1e12
     return Ceilings(device_name=name, bandwidth_gbps=bandwidth, matmul_tflops=tflops)

@@ -1,0 +1,71 @@
+"""The op dispatch's own CPU paths: the oneDNN linear and the rotary embedding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from testing_utils import assert_close
+
+from llm_engine import ops
+
+# (leading dims, in, out): odd sizes, one row, a 3-D batch, a wide output.
+LINEAR_SHAPES = [((1,), 1, 1), ((1,), 7, 5), ((3,), 576, 960), ((2, 5), 33, 17), ((257,), 100, 3)]
+
+
+@pytest.mark.parametrize("lead, n_in, n_out", LINEAR_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_forward_and_gradients_match_f_linear(lead, n_in, n_out, bias) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(*lead, n_in, dtype=torch.float64)
+    w = torch.randn(n_out, n_in, dtype=torch.float64)
+    b = torch.randn(n_out, dtype=torch.float64) if bias else None
+    exact = F.linear(x, w, b)
+    if torch.backends.mkldnn.is_available():  # the oneDNN path is the one under test
+        assert ops._onednn_linear_ok(x.float(), w.float(), None if b is None else b.float())
+    leaves = [t.float().requires_grad_() for t in (x, w, b) if t is not None]
+    out = ops.linear(*leaves, *([None] if b is None else []))
+    assert out.dtype == torch.float32 and out.shape == exact.shape
+    assert_close(out, exact, torch.float32)
+    dy = torch.randn_like(exact)
+    grads = torch.autograd.grad(out, leaves, dy.float())
+    exact_leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+    exact_grads = torch.autograd.grad(F.linear(*exact_leaves, *([None] if b is None else [])),
+                                      exact_leaves, dy)
+    for name, g, ref in zip(("dx", "dweight", "dbias"), grads, exact_grads, strict=False):
+        assert_close(g, ref, torch.float32, grad=True, what=name)
+
+
+def test_linear_without_autograd_and_in_bf16_and_on_odd_inputs() -> None:
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 64), torch.randn(48, 64)
+    with torch.inference_mode():
+        assert_close(ops.linear(x, w), F.linear(x.double(), w.double()), torch.float32)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    out = ops.linear(xb, wb)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, F.linear(xb.double(), wb.double()), torch.bfloat16)
+    # Strided input, transposed weight, empty batch, 1-D input, mixed dtypes: all still right.
+    wide = torch.randn(4, 100)[:, :64]
+    assert_close(ops.linear(wide, w), F.linear(wide.double(), w.double()), torch.float32)
+    wt = torch.randn(64, 48).t()
+    assert_close(ops.linear(x, wt), F.linear(x.double(), wt.double()), torch.float32)
+    assert ops.linear(torch.randn(0, 64), w).shape == (0, 48)
+    assert_close(ops.linear(x[0], w), F.linear(x[0].double(), w.double()), torch.float32)
+    with pytest.raises(RuntimeError):
+        ops.linear(x.double(), w)
+
+
+def test_rope_matches_the_rotation_of_pairs() -> None:
+    """Each (x[i], x[i + d/2]) pair turns by the angle position * theta^(-2i/d)."""
+    head_dim, theta = 8, 100.0
+    cos, sin = ops.rope_cos_sin(head_dim, 32, theta)
+    positions = torch.tensor([0, 5, 31])
+    x = torch.randn(3, 2, head_dim)
+    out = ops.apply_rope(x, *ops.rope_at(positions, cos, sin))
+    half = head_dim // 2
+    angle = positions[:, None].double() * theta ** (-torch.arange(half).double() * 2 / head_dim)
+    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * torch.polar(
+        torch.ones_like(angle), angle)[:, None, :]
+    assert_close(out, torch.cat((z.real, z.imag), dim=-1), torch.float32)
+    assert torch.equal(out[0], x[0])  # position 0 is the identity
