@@ -10,10 +10,12 @@ import os
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
-extra_compile_args = ["-O3", "-Wall", "-Wextra"]
-extra_link_args: list[str] = []
+# OpenMP: the CPU attention kernel runs on the OpenMP threads that PyTorch's own CPU
+# ops use (torch ships libgomp.so.1 and is imported first, so the soname resolves to it).
+extra_compile_args = ["-O3", "-Wall", "-Wextra", "-fopenmp"]
+extra_link_args = ["-fopenmp"]
 if os.environ.get("LLM_ENGINE_SANITIZE"):
-    flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
+    flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1", "-fopenmp"]
     extra_compile_args = flags + ["-fno-sanitize-recover=undefined"]
     extra_link_args = flags
 

@@ -4,11 +4,13 @@
 namespace py = pybind11;
 
 namespace llm_engine {
-void register_kv_cache(py::module_& m);  // csrc/kv_cache/bindings.cpp
+void register_kv_cache(py::module_& m);      // csrc/kv_cache/bindings.cpp
+void register_cpu_attention(py::module_& m);  // csrc/cpu_attention/bindings.cpp
 }  // namespace llm_engine
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "llm_engine native extension: KV-cache block manager";
+  m.doc() = "llm_engine native extension: KV-cache block manager, CPU decode attention";
   m.def("version", []() { return "0.1.0"; }, "Version of the native extension.");
   llm_engine::register_kv_cache(m);
+  llm_engine::register_cpu_attention(m);
 }

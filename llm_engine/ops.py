@@ -14,6 +14,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from llm_engine import _C
+
 # Modules, not names: ``llm_engine.kernels`` re-exports functions that share their
 # module's name (``layer_norm``, ``paged_attention``), so attribute import is ambiguous.
 _attention = importlib.import_module("llm_engine.kernels.attention")
@@ -122,11 +124,50 @@ def attention_varlen(
     causal: bool = True,
     softmax_scale: float | None = None,
 ) -> torch.Tensor:
-    """Attention over packed sequences: ``q (total_q, heads, d)``, ``k, v (total_k, kv_heads, d)``."""
-    fn = (_attention.flash_attention_varlen if _triton(q)
-          else _attention.attention_varlen_reference)
+    """Attention over packed sequences: ``q (total_q, heads, d)``, ``k, v (total_k, kv_heads, d)``.
+
+    On CPU, when queries and keys cover the same tokens (prefill, training), it runs
+    PyTorch's fused ``scaled_dot_product_attention`` per run of equal lengths;
+    otherwise the PyTorch reference, which materialises the scores.
+    """
+    if _triton(q):
+        fn = _attention.flash_attention_varlen
+    elif cu_seqlens_q is cu_seqlens_k or torch.equal(cu_seqlens_q, cu_seqlens_k):
+        fn = _attention_varlen_sdpa
+    else:
+        fn = _attention.attention_varlen_reference
     return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               causal=causal, softmax_scale=softmax_scale)
+
+
+def _attention_varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
+                           softmax_scale: float | None = None) -> torch.Tensor:
+    """Self-attention of packed sequences (``cu_seqlens_q == cu_seqlens_k``) through SDPA:
+    one batched call when every sequence has the same length, else one call each."""
+    bounds = cu_seqlens_q.tolist()
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != q.shape[0] or k.shape[0] != q.shape[0]:
+        raise ValueError(f"cu_seqlens must run from 0 to total tokens {q.shape[0]}, got {bounds}")
+    lengths = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    if min(lengths) < 0:
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+
+    def attend(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+        # (batch, len, heads, d) -> SDPA's (batch, heads, len, d) and back
+        out = F.scaled_dot_product_attention(
+            qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), is_causal=causal,
+            scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2)
+
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    if len(set(lengths)) == 1:
+        n, length = len(lengths), lengths[0]
+        return attend(q.view(n, length, *q.shape[1:]), k.view(n, length, *k.shape[1:]),
+                      v.view(n, length, *v.shape[1:])).reshape(q.shape)
+    return torch.cat([attend(q[a:b][None], k[a:b][None], v[a:b][None])[0]
+                      for a, b in zip(bounds, bounds[1:], strict=False) if b > a])
 
 
 def store_kv_cache(
@@ -149,9 +190,39 @@ def paged_attention(
     context_lens: torch.Tensor,
     softmax_scale: float | None = None,
 ) -> torch.Tensor:
-    """Decode attention: one query ``(seqs, heads, d)`` per sequence over its paged cache."""
-    fn = _paged.paged_attention if _triton(q) else _paged.paged_attention_reference
+    """Decode attention: one query ``(seqs, heads, d)`` per sequence over its paged cache.
+
+    On CPU in fp32 it runs the C++ kernel ``_C.paged_decode_attention``, which reads
+    K/V straight from the cache blocks; otherwise the PyTorch reference.
+    """
+    if _triton(q):
+        fn = _paged.paged_attention
+    elif _native_decode_ok(q, k_cache, v_cache, block_tables, context_lens):
+        fn = _paged_attention_native
+    else:
+        fn = _paged.paged_attention_reference
     return fn(q, k_cache, v_cache, block_tables, context_lens, softmax_scale=softmax_scale)
+
+
+def _native_decode_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor) -> bool:
+    tensors = (q, k_cache, v_cache, block_tables, context_lens)
+    return (all(t.device.type == "cpu" and not t.requires_grad for t in tensors)
+            and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+            and block_tables.dtype == context_lens.dtype == torch.int32
+            and q.dim() == 3 and k_cache.dim() == v_cache.dim() == 4
+            and k_cache.is_contiguous() and v_cache.is_contiguous())
+
+
+def _paged_attention_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, context_lens: torch.Tensor,
+                            softmax_scale: float | None = None) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=q.dtype)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    _C.paged_decode_attention(out.numpy(), q.contiguous().numpy(), k_cache.numpy(),
+                              v_cache.numpy(), block_tables.contiguous().numpy(),
+                              context_lens.contiguous().numpy(), scale, torch.get_num_threads())
+    return out
 
 
 def paged_prefill_attention(

@@ -15,9 +15,10 @@ full context, so bytes read = batch × context × kv_heads × head_dim × 2 (K a
   (its paged mode needs blocks of 256 tokens; it gets its own cache).
 
 The correctness figure of each row is against SDPA in fp32 on the gathered K/V.
-On CPU (quick, tiny shapes) ``llm_engine`` is the Triton kernel under the
-interpreter when ``TRITON_INTERPRET=1``, else the engine's CPU path (the
-PyTorch reference); either way not a speed figure for the kernel.
+On CPU ``llm_engine`` is the engine's CPU path, ``ops.paged_attention``: in fp32
+the C++ kernel ``_C.paged_decode_attention``, which reads the cache blocks in
+place (fp32, SmolLM2-like 64-wide heads); under ``TRITON_INTERPRET=1`` it is the
+Triton kernel in the interpreter, not a speed figure.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from llm_engine import ops
 from llm_engine.bench.common import OURS, Ceilings, Row, rel_error, time_ms
 from llm_engine.kernels._utils import interpreting
-from llm_engine.kernels.paged_attention import paged_attention, paged_attention_reference
+from llm_engine.kernels.paged_attention import paged_attention
 
 SUITE = "paged_attention"
 HEADS, KV_HEADS, BLOCK_SIZE = 32, 8, 16
@@ -40,7 +42,8 @@ KV_BYTES_CAP = 4 << 30
 def _cases(device: str, quick: bool) -> list[tuple[int, int, int]]:
     """(batch, context, head_dim) triples."""
     if torch.device(device).type != "cuda":
-        return [(1, 64, 16), (4, 32, 16)] if quick else [(1, 256, 64), (8, 128, 64)]
+        return [(1, 64, 16), (4, 32, 16)] if quick else [(1, 4096, 64), (32, 128, 64),
+                                                          (32, 1024, 64)]
     if quick:
         return [(1, 8192, 128), (16, 2048, 128), (128, 512, 64)]
     return [(b, c, d) for d in (64, 128) for b in (1, 16, 128)
@@ -109,8 +112,8 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
         if cuda or interpreting():
             ours, note = (lambda a=args: paged_attention(**a)), ""
         else:
-            ours = lambda a=args: paged_attention_reference(**a)
-            note = "CPU: the engine's PyTorch path (paged_attention_reference), not the kernel"
+            ours = lambda a=args: ops.paged_attention(**a)
+            note = "CPU: the C++ kernel _C.paged_decode_attention (fp32)"
         if interpreting():
             note = "Triton interpreter on CPU: not a speed figure"
         ms = time_ms(ours, device, quick=quick)
