@@ -30,7 +30,8 @@ cp -r llm_engine "$WORK/pkg/llm_engine"
 find "$WORK/pkg" -name '_C*.so' -delete
 find "$WORK/pkg" -name '__pycache__' -prune -exec rm -rf {} +
 cp "$WORK"/lib/llm_engine/_C*.so "$WORK/pkg/llm_engine/"
-cp tests/test_block_manager.py tests/test_block_manager_property.py "$WORK/tests/"
+cp tests/test_block_manager.py tests/test_block_manager_property.py tests/test_cpu_attention.py \
+  tests/testing_utils.py "$WORK/tests/"
 
 ASAN_RT="$(gcc -print-file-name=libasan.so)"
 UBSAN_RT="$(gcc -print-file-name=libubsan.so)"
