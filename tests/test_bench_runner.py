@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 import types
@@ -220,6 +221,15 @@ def test_a_real_suite_runs_quick_on_cpu_with_measured_ceilings(tmp_path):
     data = _json(tmp_path)
     assert any(r["impl"] == OURS and r["value"] for r in data["rows"])
     _assert_every_row_has_correctness_or_note(data)
+
+
+def test_bench_cli_loads_no_kernel_before_it_picks_the_interpreter():
+    """``llm-engine bench --device cpu`` sets TRITON_INTERPRET, which Triton reads when a
+    kernel module is imported: importing the CLI must not import the kernels."""
+    code = ("import sys, llm_engine.cli, llm_engine.bench.cli, llm_engine.bench.runner; "
+            "print([m for m in sys.modules if m.startswith('llm_engine.kernels')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_profile_kernel_runs_the_loop_and_prints_the_ncu_command(capsys):

@@ -13,8 +13,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from llm_engine import ops
-
 OURS = "llm_engine"
 """``Row.impl`` of this engine's own implementation; every other impl is a reference."""
 
@@ -113,6 +111,8 @@ def measure_ceilings(device: str | torch.device, *, quick: bool = False) -> Ceil
     bandwidth = 2 * nbytes / (copy_ms * 1e-3) / 1e9
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    from llm_engine import ops  # here: the bench CLI picks TRITON_INTERPRET before kernels load
+
     mm_ms = time_ms(lambda: ops.linear(a, b), device, quick=quick)
     tflops = 2 * n**3 / (mm_ms * 1e-3) / 1e12
     return Ceilings(device_name=name, bandwidth_gbps=bandwidth, matmul_tflops=tflops)
