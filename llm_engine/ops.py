@@ -61,6 +61,7 @@ def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             and x.dtype in (torch.float32, torch.bfloat16)
             and weight.dtype == x.dtype and weight.dim() == 2
             and (bias is None or bias.dtype == x.dtype)
+            and not torch.is_autocast_enabled("cpu")  # autocast's casts belong to F.linear
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 

@@ -54,6 +54,8 @@ def test_linear_without_autograd_and_in_bf16_and_on_odd_inputs() -> None:
     assert_close(ops.linear(x[0], w), F.linear(x[0].double(), w.double()), torch.float32)
     with pytest.raises(RuntimeError):
         ops.linear(x.double(), w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast still casts
+        assert ops.linear(x, w).dtype == torch.bfloat16
 
 
 def test_rope_matches_the_rotation_of_pairs() -> None:
