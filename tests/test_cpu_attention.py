@@ -42,7 +42,8 @@ CASES = [  # lens, heads, kv_heads, head_dim, block_size
     ([1], 1, 1, 1, 1),
     ([7, 16, 33, 1], 4, 4, 8, 16),  # block boundaries
     ([5, 0, 12, 3], 6, 2, 24, 4),  # GQA, an empty context
-    ([300, 17], 9, 3, 64, 16),  # SmolLM2's heads
+    ([300, 17], 9, 3, 64, 16),  # SmolLM2's heads (compiled for head_dim 64)
+    ([40, 3], 4, 2, 128, 16),  # compiled for head_dim 128
     ([9, 9, 9], 8, 1, 7, 3),  # odd head_dim, one kv head
     ([2048], 2, 1, 16, 32),  # long context: exp of very negative scores
 ]

@@ -57,16 +57,19 @@ struct DecodeArgs {
   float scale;
 };
 
-// Sequences [begin, end). Each position's K (and V) row holds every kv head
+// Sequences [begin, end); kHeadDim > 0 fixes head_dim at compile time (the dot
+// products and row updates then unroll fully, about twice as fast), 0 reads it
+// from the shape. Each position's K (and V) row holds every kv head
 // (kv_heads * head_dim floats, contiguous), so a block is read front to back once
 // per pass. scratch holds heads * max context length floats: the scores, then the
 // softmax numerators; inv_sum holds heads floats.
+template <int64_t kHeadDim>
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void attend_seqs(const DecodeArgs& a, int64_t begin, int64_t end, float* scratch,
                  float* inv_sum) {
   const DecodeShape& s = a.shape;
   const int64_t group = s.heads / s.kv_heads;
-  const int64_t d = s.head_dim;
+  const int64_t d = kHeadDim > 0 ? kHeadDim : s.head_dim;
   const int64_t row = s.kv_heads * d;  // one position of one block
   for (int64_t seq = begin; seq < end; ++seq) {
     const int64_t len = a.context_lens[seq];
@@ -168,7 +171,16 @@ void paged_decode_attention(float* out, const float* q, const float* k_cache,
     std::vector<float> inv_sum(static_cast<size_t>(shape.heads));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t seq = 0; seq < shape.num_seqs; ++seq) {
-      attend_seqs(args, seq, seq + 1, scratch.data(), inv_sum.data());
+      switch (shape.head_dim) {
+        case 64:
+          attend_seqs<64>(args, seq, seq + 1, scratch.data(), inv_sum.data());
+          break;
+        case 128:
+          attend_seqs<128>(args, seq, seq + 1, scratch.data(), inv_sum.data());
+          break;
+        default:
+          attend_seqs<0>(args, seq, seq + 1, scratch.data(), inv_sum.data());
+      }
     }
   }
 }
