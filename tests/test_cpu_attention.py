@@ -46,6 +46,7 @@ CASES = [  # lens, heads, kv_heads, head_dim, block_size
     ([40, 3], 4, 2, 128, 16),  # compiled for head_dim 128
     ([9, 9, 9], 8, 1, 7, 3),  # odd head_dim, one kv head
     ([2048], 2, 1, 16, 32),  # long context: exp of very negative scores
+    ([1100, 513, 512, 2], 4, 2, 16, 48),  # 512-position chunks that start inside a block
 ]
 
 
@@ -58,8 +59,11 @@ def test_native_decode_matches_reference(lens, heads, kv_heads, head_dim, block_
     out = _native(q, k_cache, v_cache, tables, ctx, scale)
     assert_close(out, ref, torch.float32)
     assert torch.equal(out[ctx == 0], torch.zeros_like(out[ctx == 0]))
-    # Deterministic, whatever the thread count.
+    # Deterministic, whatever the thread count, and each sequence as it would be alone.
     assert torch.equal(out, _native(q, k_cache, v_cache, tables, ctx, scale, threads=1))
+    for i in range(len(lens)):
+        alone = _native(q[i:i + 1], k_cache, v_cache, tables[i:i + 1], ctx[i:i + 1], scale)
+        assert torch.equal(alone[0], out[i])
 
 
 def test_ops_dispatches_fp32_cpu_decode_to_native() -> None:

@@ -57,70 +57,97 @@ struct DecodeArgs {
   float scale;
 };
 
-// Sequences [begin, end); kHeadDim > 0 fixes head_dim at compile time (the dot
-// products and row updates then unroll fully, about twice as fast), 0 reads it
-// from the shape. Each position's K (and V) row holds every kv head
-// (kv_heads * head_dim floats, contiguous), so a block is read front to back once
-// per pass. scratch holds heads * max context length floats: the scores, then the
-// softmax numerators; inv_sum holds heads floats.
+// Positions [p0, p1) of sequence seq: the chunk's softmax statistics and its
+// unnormalised output, per head h, into partial + h * (head_dim + 2):
+// acc[head_dim] = sum_i exp(s_i - m) v_i, then m = max_i s_i, then l = sum_i exp(s_i - m).
+// kHeadDim > 0 fixes head_dim at compile time (the dot products and row updates then
+// unroll fully, about twice as fast); 0 reads it from the shape. Each position's K
+// (and V) row holds every kv head (kv_heads * head_dim floats, contiguous), so a
+// block is read front to back once per pass. scratch holds heads * (p1 - p0) floats.
 template <int64_t kHeadDim>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void attend_seqs(const DecodeArgs& a, int64_t begin, int64_t end, float* scratch,
-                 float* inv_sum) {
+void attend_chunk(const DecodeArgs& a, int64_t seq, int64_t p0, int64_t p1, float* scratch,
+                  float* partial) {
   const DecodeShape& s = a.shape;
   const int64_t group = s.heads / s.kv_heads;
   const int64_t d = kHeadDim > 0 ? kHeadDim : s.head_dim;
   const int64_t row = s.kv_heads * d;  // one position of one block
-  for (int64_t seq = begin; seq < end; ++seq) {
-    const int64_t len = a.context_lens[seq];
-    const float* q = a.q + seq * s.heads * d;
-    float* out = a.out + seq * s.heads * d;
-    std::fill(out, out + s.heads * d, 0.0f);
-    if (len == 0) continue;
-    const int32_t* table = a.block_tables + seq * s.max_blocks;
+  const int64_t width = p1 - p0;
+  const float* q = a.q + seq * s.heads * d;
+  const int32_t* table = a.block_tables + seq * s.max_blocks;
+  // Calls f(rows of the cache at positions [p, p + n), p - p0, n) block by block.
+  const auto for_each_run = [&](const float* cache, auto&& f) {
+    for (int64_t p = p0; p < p1;) {
+      const int64_t off = p % s.block_size;
+      const int64_t n = std::min(s.block_size - off, p1 - p);
+      f(cache + (table[p / s.block_size] * s.block_size + off) * row, p - p0, n);
+      p += n;
+    }
+  };
 
-    for (int64_t start = 0; start < len; start += s.block_size) {  // scores
-      const float* k = a.k_cache + table[start / s.block_size] * s.block_size * row;
-      const int64_t n = std::min(s.block_size, len - start);
-      for (int64_t i = 0; i < n; ++i) {
-        for (int64_t h = 0; h < s.heads; ++h) {
-          scratch[h * len + start + i] = dot(q + h * d, k + i * row + (h / group) * d, d) * a.scale;
-        }
+  for_each_run(a.k_cache, [&](const float* k, int64_t at, int64_t n) {  // scores
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t h = 0; h < s.heads; ++h) {
+        scratch[h * width + at + i] = dot(q + h * d, k + i * row + (h / group) * d, d) * a.scale;
       }
     }
-    for (int64_t h = 0; h < s.heads; ++h) {  // softmax numerators, in place
-      float* p = scratch + h * len;
-      float m = p[0];
+  });
+  for (int64_t h = 0; h < s.heads; ++h) {  // softmax numerators, in place
+    float* p = scratch + h * width;
+    float m = p[0];
 #pragma omp simd reduction(max : m)
-      for (int64_t i = 0; i < len; ++i) m = std::max(m, p[i]);
-      float sum = 0.0f;
+    for (int64_t i = 0; i < width; ++i) m = std::max(m, p[i]);
+    float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < len; ++i) {
-        p[i] = exp_nonpositive(p[i] - m);
-        sum += p[i];
-      }
-      inv_sum[h] = 1.0f / sum;
+    for (int64_t i = 0; i < width; ++i) {
+      p[i] = exp_nonpositive(p[i] - m);
+      sum += p[i];
     }
-    for (int64_t start = 0; start < len; start += s.block_size) {  // weighted values
-      const float* v = a.v_cache + table[start / s.block_size] * s.block_size * row;
-      const int64_t n = std::min(s.block_size, len - start);
-      for (int64_t i = 0; i < n; ++i) {
-        for (int64_t h = 0; h < s.heads; ++h) {
-          const float w = scratch[h * len + start + i];
-          const float* vi = v + i * row + (h / group) * d;
-          float* o = out + h * d;
+    float* stats = partial + h * (d + 2);
+    std::fill(stats, stats + d, 0.0f);
+    stats[d] = m;
+    stats[d + 1] = sum;
+  }
+  for_each_run(a.v_cache, [&](const float* v, int64_t at, int64_t n) {  // weighted values
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t h = 0; h < s.heads; ++h) {
+        const float w = scratch[h * width + at + i];
+        const float* vi = v + i * row + (h / group) * d;
+        float* acc = partial + h * (d + 2);
 #pragma omp simd
-          for (int64_t e = 0; e < d; ++e) o[e] += w * vi[e];
-        }
+        for (int64_t e = 0; e < d; ++e) acc[e] += w * vi[e];
       }
     }
-    for (int64_t h = 0; h < s.heads; ++h) {
-      float* o = out + h * d;
-#pragma omp simd
-      for (int64_t e = 0; e < d; ++e) o[e] *= inv_sum[h];
+  });
+}
+
+// out of one sequence from its chunks' partials: each chunk's share rescaled to the
+// largest maximum, divided by the total of the softmax denominators.
+void combine_chunks(const DecodeShape& s, const float* partials, int64_t chunks, float* out) {
+  const int64_t d = s.head_dim;
+  const int64_t stride = s.heads * (d + 2);  // between chunks
+  for (int64_t h = 0; h < s.heads; ++h) {
+    float* o = out + h * d;
+    std::fill(o, o + d, 0.0f);
+    if (chunks == 0) continue;  // empty context: zeros
+    const float* first = partials + h * (d + 2);
+    float m = first[d];
+    for (int64_t c = 1; c < chunks; ++c) m = std::max(m, first[c * stride + d]);
+    float denominator = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* part = first + c * stride;
+      const float w = exp_nonpositive(part[d] - m);
+      denominator += w * part[d + 1];
+      for (int64_t e = 0; e < d; ++e) o[e] += w * part[e];
     }
+    const float inv = 1.0f / denominator;
+    for (int64_t e = 0; e < d; ++e) o[e] *= inv;
   }
 }
+
+// Positions per work item. Fixed, not derived from the thread count or the batch, so a
+// sequence's result is the same whatever runs beside it and however many threads run.
+constexpr int64_t kChunk = 512;
 
 // Below this many cached positions per thread a second thread costs more than it saves.
 constexpr int64_t kMinWork = 1024;
@@ -155,32 +182,45 @@ void paged_decode_attention(float* out, const float* q, const float* k_cache,
                             const int32_t* context_lens, const DecodeShape& shape, float scale,
                             int num_threads) {
   const DecodeArgs args{out, q, k_cache, v_cache, block_tables, context_lens, shape, scale};
-  int64_t max_len = 0;
+  // Work items: (sequence, chunk of kChunk positions); first_item[seq] is seq's first.
+  std::vector<int64_t> first_item(static_cast<size_t>(shape.num_seqs + 1), 0);
   int64_t work = 0;
   for (int64_t seq = 0; seq < shape.num_seqs; ++seq) {
-    max_len = std::max<int64_t>(max_len, context_lens[seq]);
+    first_item[seq + 1] = first_item[seq] + (context_lens[seq] + kChunk - 1) / kChunk;
     work += context_lens[seq];
   }
+  const int64_t items = first_item[shape.num_seqs];
+  const int64_t per_item = shape.heads * (shape.head_dim + 2);
+  std::vector<float> partials(static_cast<size_t>(items * per_item));
   const int64_t threads = std::clamp<int64_t>(std::min<int64_t>(num_threads, work / kMinWork), 1,
-                                              std::max<int64_t>(shape.num_seqs, 1));
+                                              std::max<int64_t>(items, 1));
   // The OpenMP runtime is the one PyTorch loaded (same soname), so these are the
   // threads its own ops use, already awake, and never more threads than cores.
 #pragma omp parallel num_threads(static_cast<int>(threads))
   {
-    std::vector<float> scratch(static_cast<size_t>(shape.heads * max_len));
-    std::vector<float> inv_sum(static_cast<size_t>(shape.heads));
+    std::vector<float> scratch(static_cast<size_t>(shape.heads * kChunk));
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t seq = 0; seq < shape.num_seqs; ++seq) {
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t seq =
+          std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin() - 1;
+      const int64_t p0 = (item - first_item[seq]) * kChunk;
+      const int64_t p1 = std::min<int64_t>(context_lens[seq], p0 + kChunk);
+      float* partial = partials.data() + item * per_item;
       switch (shape.head_dim) {
         case 64:
-          attend_seqs<64>(args, seq, seq + 1, scratch.data(), inv_sum.data());
+          attend_chunk<64>(args, seq, p0, p1, scratch.data(), partial);
           break;
         case 128:
-          attend_seqs<128>(args, seq, seq + 1, scratch.data(), inv_sum.data());
+          attend_chunk<128>(args, seq, p0, p1, scratch.data(), partial);
           break;
         default:
-          attend_seqs<0>(args, seq, seq + 1, scratch.data(), inv_sum.data());
+          attend_chunk<0>(args, seq, p0, p1, scratch.data(), partial);
       }
+    }
+#pragma omp for schedule(static)
+    for (int64_t seq = 0; seq < shape.num_seqs; ++seq) {
+      combine_chunks(shape, partials.data() + first_item[seq] * per_item,
+                     first_item[seq + 1] - first_item[seq], out + seq * shape.heads * shape.head_dim);
     }
   }
 }

@@ -2,9 +2,11 @@
 //
 // One query token per sequence attends over its context_len cached keys and
 // values, which live in fixed-size blocks named by the sequence's block table.
-// The kernel reads K/V straight from the cache blocks (no gathered copy): per
-// sequence, one pass over its K blocks for the scores of every head, a softmax,
-// and one pass over its V blocks. Sequences are spread over OpenMP threads.
+// The kernel reads K/V straight from the cache blocks (no gathered copy). Work
+// items are (sequence, chunk of 512 positions), spread over OpenMP threads: per
+// item, one pass over its K rows for the scores of every head, a softmax, one pass
+// over its V rows; a sequence's chunks are then combined through their softmax
+// maxima and sums, so one long sequence still keeps every thread busy.
 // Grouped-query attention: query head h reads kv head h / (heads / kv_heads).
 #pragma once
 
