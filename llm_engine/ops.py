@@ -1,9 +1,13 @@
 """The one place that chooses an implementation for every op the model uses.
 
-Triton kernels run on CUDA tensors; the plain-PyTorch references run on CPU
-tensors. ``LLM_ENGINE_BACKEND=torch|triton`` overrides the choice (tests set
-``triton`` together with ``TRITON_INTERPRET=1`` to run the real kernels on CPU).
-The model calls only these functions and never branches on device itself.
+Triton kernels run on CUDA tensors. CPU tensors take the ``torch`` backend:
+the plain-PyTorch references, except where the CPU has a faster path of its own:
+linear layers through oneDNN, fp32 decode attention through the C++ kernel
+``_C.paged_decode_attention``, prefill and training attention through
+``scaled_dot_product_attention``. ``LLM_ENGINE_BACKEND=torch|triton`` overrides
+the choice (tests set ``triton`` together with ``TRITON_INTERPRET=1`` to run the
+real kernels on CPU). The model calls only these functions and never branches on
+device itself.
 """
 
 from __future__ import annotations
