@@ -32,6 +32,7 @@ SUITES: dict[str, str] = {
     "attention": "llm_engine.bench.attention",
     "sampling": "llm_engine.bench.sampling",
     "paged_attention": "llm_engine.bench.paged_attention",
+    "linear": "llm_engine.bench.linear",
     "kv_manager": "llm_engine.bench.kv_manager",
     "generate": "llm_engine.bench.generate",
     "train": "llm_engine.bench.train",
@@ -39,7 +40,8 @@ SUITES: dict[str, str] = {
 """Suite name → module path."""
 
 GROUPS: dict[str, tuple[str, ...]] = {
-    "kernels": ("layer_norm", "attention", "sampling", "paged_attention", "kv_manager"),
+    "kernels": ("layer_norm", "attention", "sampling", "paged_attention", "linear",
+                "kv_manager"),
     "generate": ("generate",),
     "train": ("train",),
 }
