@@ -49,7 +49,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``x (..., in) @ weight (out, in).T + bias (out,)``, in ``x``'s dtype.
 
     On CPU (fp32 or bf16) the matmuls go through oneDNN rather than PyTorch's
-    default CPU GEMM (MKL): on the AMD EPYC CPU we measure on, oneDNN is 1.3-2.9x
+    default CPU GEMM (MKL): on the AMD EPYC CPU we measure on, oneDNN is 1.2-2.9x
     faster (about 2x typical) at every row count an LLM decodes or prefills (1 to
     2048), forward and backward (``llm-engine bench linear``). Elsewhere:
     ``F.linear`` (cuBLAS on CUDA).
