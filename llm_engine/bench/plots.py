@@ -39,6 +39,7 @@ PLOT_SPECS: dict[str, PlotSpec] = {
                          (("vocab",), ("vocab_size",))),
     "paged_attention": PlotSpec("Paged decode attention", "context length (tokens)",
                                 (("context",), ("context_len",), ("seqlen",))),
+    "linear": PlotSpec("Linear layers", "rows (tokens)", (("rows",),)),
     "generate": PlotSpec("Generation", "batch size (sequences)", (("batch",), ("batch_size",))),
 }
 
@@ -177,8 +178,9 @@ def _draw(spec: PlotSpec, panels: dict[tuple, dict], ceilings: Ceilings | None,
                     color=colors[impl], label=impl, zorder=3 if ours else 2)
         ceiling = _ceiling(metric, ceilings)
         if ceiling is not None and top >= 0.1 * ceiling:
+            shown = f"{ceiling:,.0f}" if ceiling >= 10 else f"{ceiling:.3g}"  # 3,350 / 0.437
             ax.axhline(ceiling, color="0.35", linestyle="--", linewidth=1,
-                       label=f"{_CEILING_LABELS[metric]} ceiling ({ceiling:,.0f} {metric})")
+                       label=f"{_CEILING_LABELS[metric]} ceiling ({shown} {metric})")
         ax.set_title(panel["title"], fontsize=10)
         ax.set_xlabel(spec.x_label)
         ax.set_ylabel(metric)
