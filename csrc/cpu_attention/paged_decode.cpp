@@ -18,7 +18,9 @@ inline To bit_cast(From x) {
 
 // exp(x) for x <= 0 (scores minus their row maximum), within 2 ulp: x = n*ln2 + r with
 // |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial, 2^n from the exponent bits.
-// Written out so the compiler vectorises the softmax loop; below -87 exp is 0 in fp32.
+// Written out so the compiler vectorises the softmax loop. Inputs below -87 are clamped
+// there: exp(-87) ~ 1.6e-38 is nothing next to the row maximum's exp(0) = 1, and 2^n
+// stays a normal float.
 inline float exp_nonpositive(float x) {
   constexpr float kLog2e = 1.44269504f;
   constexpr float kLn2Hi = 0.693145752f;  // ln 2 split in two (Cody-Waite)
