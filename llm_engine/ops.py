@@ -61,19 +61,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _onednn_mm(x, weight, bias)
 
 
+# oneDNN's linear op, resolved once (it is on the hot path: every projection of every
+# layer); None where this PyTorch build has no oneDNN.
+_LINEAR_POINTWISE = (torch.ops.mkldnn._linear_pointwise.default
+                     if torch.backends.mkldnn.is_available()
+                     and hasattr(torch.ops.mkldnn, "_linear_pointwise") else None)
+
+
 def _onednn_linear_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (x.device.type == "cpu" and x.dim() >= 2 and x.numel() > 0
+    return (_LINEAR_POINTWISE is not None and x.device.type == "cpu"
+            and x.dim() >= 2 and x.numel() > 0
             and x.dtype in (torch.float32, torch.bfloat16)
             and weight.dtype == x.dtype and weight.dim() == 2
             and (bias is None or bias.dtype == x.dtype)
             and not torch.is_autocast_enabled("cpu")  # autocast's casts belong to F.linear
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and torch.backends.mkldnn.enabled)
 
 
 def _onednn_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias`` by oneDNN; has no autograd of its own."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return _LINEAR_POINTWISE(x, weight, bias, "none", [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -224,7 +231,7 @@ def _paged_attention_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             block_tables: torch.Tensor, context_lens: torch.Tensor,
                             softmax_scale: float | None = None) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=q.dtype)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    scale = _paged._scale(softmax_scale, q.shape[-1])  # the checks the reference makes
     _C.paged_decode_attention(out.numpy(), q.contiguous().numpy(), k_cache.numpy(),
                               v_cache.numpy(), block_tables.contiguous().numpy(),
                               context_lens.contiguous().numpy(), scale, torch.get_num_threads())

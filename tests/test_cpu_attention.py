@@ -74,6 +74,8 @@ def test_ops_dispatches_fp32_cpu_decode_to_native() -> None:
     with torch.inference_mode():
         out = ops.paged_attention(strided_q, k_cache, v_cache, tables, ctx)
     assert torch.equal(out, _native(q, k_cache, v_cache, tables, ctx, 16**-0.5, threads=1))
+    with pytest.raises(ValueError, match="softmax_scale"):  # checked as the reference does
+        ops.paged_attention(q, k_cache, v_cache, tables, ctx, softmax_scale=-1.0)
     half = [t.half() for t in (q, k_cache, v_cache)]
     assert not ops._native_decode_ok(*half, tables, ctx)
     assert_close(ops.paged_attention(*half, tables, ctx),
