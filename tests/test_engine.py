@@ -19,17 +19,10 @@ from llm_engine.loader import load_model
 from llm_engine.model import AttentionMetadata, Transformer
 from llm_engine.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
 CONTEXT = 256
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls run fastest on one thread, above all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +30,21 @@ def tokenizer() -> Tokenizer:
     return load_model("smollm2")[1]
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer) -> Transformer:
-    gen = torch.Generator().manual_seed(1234)
-    config = ModelConfig(arch="llama", vocab_size=tokenizer.vocab_size, hidden_size=64,
-                         num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                         max_position_embeddings=CONTEXT)
-    m = Transformer(config)
+def random_llama(seed: int, **config) -> Transformer:
+    """A small Llama with N(0, 0.2) matrices: its greedy outputs vary from prompt to prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    m = Transformer(ModelConfig(arch="llama", max_position_embeddings=CONTEXT, **config))
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer) -> Transformer:
+    return random_llama(1234, vocab_size=tokenizer.vocab_size, hidden_size=64, num_layers=2,
+                        num_heads=4, num_kv_heads=2, intermediate_size=128)
 
 
 def make_llm(model, tokenizer, **kwargs) -> LLM:
@@ -356,16 +352,8 @@ def test_penalties_follow_their_definitions(tokenizer):
 @pytest.fixture(scope="module")
 def small_vocab_model() -> Transformer:
     """A tiny model over the first 2048 token ids: sampling it on CPU is cheap."""
-    gen = torch.Generator().manual_seed(99)
-    config = ModelConfig(arch="llama", vocab_size=2048, hidden_size=32, num_layers=2,
-                         num_heads=2, num_kv_heads=1, intermediate_size=64,
-                         max_position_embeddings=CONTEXT)
-    m = Transformer(config)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return m.eval()
+    return random_llama(99, vocab_size=2048, hidden_size=32, num_layers=2, num_heads=2,
+                        num_kv_heads=1, intermediate_size=64)
 
 
 def test_soak_with_mixed_params_aborts_and_preemption_leaks_no_block(small_vocab_model,

@@ -8,7 +8,7 @@ import torch
 from llm_engine import LLM, SamplingParams
 from llm_engine.model import AttentionMetadata
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_cpu_thread")]
 
 SUBJECTS = ["The history of Rome", "A recipe for bread", "def quicksort(xs):", "Dear diary,",
             "The mitochondria is", "In 1969, astronauts", "Python lists vs tuples:",
@@ -29,15 +29,6 @@ def varied_prompts(n: int) -> list[str]:
         else:
             prompts.append(" ".join([subject] * rng.randint(1, 6)))
     return prompts
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One CPU thread: a second one buys little here and stalls badly on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
