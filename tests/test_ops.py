@@ -1,6 +1,10 @@
-"""The op dispatch's own CPU paths: the oneDNN linear and the rotary embedding."""
+"""The op dispatch's own CPU paths: the oneDNN linear, its packed weights and the rotary
+embedding."""
 
 from __future__ import annotations
+
+import copy
+import pickle
 
 import pytest
 import torch
@@ -56,6 +60,78 @@ def test_linear_without_autograd_and_in_bf16_and_on_odd_inputs() -> None:
         ops.linear(x.double(), w)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast still casts
         assert ops.linear(x, w).dtype == torch.bfloat16
+
+
+needs_packing = pytest.mark.skipif(ops._REORDER_WEIGHT is None,
+                                   reason="this PyTorch build has no oneDNN weight packing")
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [1, 2, 7, 32, 33, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_weight_gives_the_same_linear(rows, bias) -> None:
+    torch.manual_seed(0)
+    x, w = torch.randn(rows, 40), torch.randn(70, 40)
+    b = torch.randn(70) if bias else None
+    packed = ops.PackedWeight()
+    with torch.inference_mode():
+        out = ops.linear(x, w, b, packed=packed)
+    assert packed.get(w).is_mkldnn and packed.get(w) is packed.get(w)  # packed once
+    assert_close(out, F.linear(x.double(), w.double(), None if b is None else b.double()),
+                 torch.float32)
+
+
+@needs_packing
+def test_packed_weight_follows_every_change_to_its_weight() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    layer = torch.nn.Linear(16, 8, bias=False)
+    packed = ops.PackedWeight()
+
+    def check() -> None:
+        with torch.no_grad():
+            assert_close(ops.linear(x, layer.weight, packed=packed),
+                         F.linear(x.double(), layer.weight.double()), torch.float32)
+
+    check()
+    layer.weight.grad = torch.randn(8, 16)
+    torch.optim.SGD(layer.parameters(), lr=1.0).step()  # an in-place update
+    check()
+    with torch.no_grad():
+        layer.weight.mul_(-2)
+    check()
+    layer.weight.data = torch.randn(8, 16)  # a new tensor under the same parameter
+    check()
+    layer.weight = torch.nn.Parameter(torch.randn(8, 16))
+    check()
+    layer.weight = torch.nn.Parameter(torch.randn(8, 32)[:, ::2])  # strided
+    check()
+
+
+@needs_packing
+def test_packed_weight_is_skipped_where_it_does_not_apply() -> None:
+    torch.manual_seed(0)
+    packed = ops.PackedWeight()
+    for w in (torch.randn(8, 16).bfloat16(), torch.randn(8, 16).double(), torch.randn(16)):
+        assert packed.get(w) is w
+    with torch.inference_mode():
+        w = torch.randn(8, 16)  # an inference tensor has no version to watch
+    assert packed.get(w) is w
+    # With autograd the weight itself is used, so gradients reach it.
+    x, w = torch.randn(3, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    ops.linear(x, w, packed=packed).sum().backward()
+    assert_close(w.grad, x.detach().double().sum(0).expand(8, 16), torch.float32, grad=True)
+
+
+@needs_packing
+def test_copies_of_a_packed_weight_start_empty() -> None:
+    w = torch.randn(8, 16)
+    packed = ops.PackedWeight()
+    packed.get(w)
+    for clone in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
+        assert clone._packed is None and clone._source is None
+        assert_close(ops.linear(torch.ones(1, 16), w, packed=clone),
+                     w.double().sum(1)[None], torch.float32)
 
 
 def test_rope_matches_the_rotation_of_pairs() -> None:

@@ -2,7 +2,9 @@
 projections take.
 
 On CPU ``ops.linear`` runs oneDNN and ``F.linear`` PyTorch's default GEMM (MKL), in
-fp32. Cases: SmolLM2-135M's projections (qkv 576→960, o 576→576, gate+up 576→3072,
+fp32. Forward rows of ours use packed weights (``ops.PackedWeight``), as the engine
+does; ``oneDNN, plain weight`` is the same op reordering the weight on every call,
+which is also what training uses. Cases: SmolLM2-135M's projections (qkv 576→960, o 576→576, gate+up 576→3072,
 down 1536→576, LM head 576→49152) at 1 row (batch-1 decode), 32 rows (32 requests
 decoding) and 2048 rows (a prefill), forward under ``inference_mode``; plus the
 training step (forward and backward, ``3 × 2·rows·in·out`` FLOPs) at 2048 rows.
@@ -72,12 +74,17 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
         flops = 2 * rows * n_in * n_out * copies * (3 if grad else 1)
         case = f"{name} {n_in}x{n_out} rows{rows} {mode}"
         params = {"rows": rows, "in": n_in, "out": n_out}
-        for impl, fn in ((OURS, ops.linear), ("torch F.linear", F.linear)):
+        impls = [(OURS, ops.linear, "oneDNN (ops.linear)"),
+                 ("torch F.linear", F.linear, "PyTorch's default CPU GEMM (MKL)")]
+        if not grad:
+            packs = {id(w): ops.PackedWeight() for w in ws}
+            impls = [(OURS, lambda x, w: ops.linear(x, w, packed=packs[id(w)]),
+                      "oneDNN (ops.linear), packed weights"),
+                     ("oneDNN, plain weight", ops.linear, "ops.linear without packing")] + impls[1:]
+        for impl, fn, note in impls:
             step = _step(fn, xs, ws, mode)
             ms = time_ms(step, device, quick=quick)
             tflops = flops / (ms * 1e-3) / 1e12
-            note = ("oneDNN (ops.linear)" if impl == OURS
-                    else "PyTorch's default CPU GEMM (MKL)")
             if copies > 1:
                 note += f"; {copies} weight copies, read from memory"
             yield Row(SUITE, case, impl, "TFLOP/s", tflops, ms=ms / copies,

@@ -35,6 +35,8 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            model.pack_weights()  # faster CPU matmuls for a second copy of the weights
         self.max_model_len = model.config.max_position_embeddings
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.kv_caches = [kv_cache.layer(i) for i in range(kv_cache.num_layers)]
