@@ -55,6 +55,13 @@ def _step(fn: Callable, xs: list[torch.Tensor], ws: list[torch.Tensor], mode: st
     return run
 
 
+def _packed_linear(packs: dict) -> Callable:
+    """``ops.linear`` with each weight copy's own :class:`~llm_engine.ops.PackedWeight`."""
+    from llm_engine import ops
+
+    return lambda x, w: ops.linear(x, w, packed=packs[id(w)])
+
+
 def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
     from llm_engine import ops  # here: the bench CLI picks TRITON_INTERPRET before kernels load
 
@@ -77,8 +84,7 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
         impls = [(OURS, ops.linear, "oneDNN (ops.linear)"),
                  ("torch F.linear", F.linear, "PyTorch's default CPU GEMM (MKL)")]
         if not grad:
-            packs = {id(w): ops.PackedWeight() for w in ws}
-            impls = [(OURS, lambda x, w: ops.linear(x, w, packed=packs[id(w)]),
+            impls = [(OURS, _packed_linear({id(w): ops.PackedWeight() for w in ws}),
                       "oneDNN (ops.linear), packed weights"),
                      ("oneDNN, plain weight", ops.linear, "ops.linear without packing")] + impls[1:]
         for impl, fn, note in impls:
