@@ -34,7 +34,7 @@ test: install
 test-gpu: install
 	$(PY) -m pytest -q -m gpu tests
 
-# C++ manager under AddressSanitizer + UndefinedBehaviorSanitizer, in a separate build dir.
+# The C++ code's tests under AddressSanitizer + UndefinedBehaviorSanitizer, in a separate build dir.
 test-asan: install
 	bash csrc/run_asan_tests.sh
 

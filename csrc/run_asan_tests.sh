@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the C++ KV-cache manager tests against a build of llm_engine._C with
-# AddressSanitizer + UndefinedBehaviorSanitizer (LLM_ENGINE_SANITIZE=1).
+# Runs the tests of the C++ code (KV-cache manager, CPU kernels) against a build of
+# llm_engine._C with AddressSanitizer + UndefinedBehaviorSanitizer (LLM_ENGINE_SANITIZE=1).
 #
 # The sanitized extension is built in a temporary directory and never touches
 # the normal in-place llm_engine/_C*.so: the pure-Python parts of the package
@@ -31,6 +31,7 @@ find "$WORK/pkg" -name '_C*.so' -delete
 find "$WORK/pkg" -name '__pycache__' -prune -exec rm -rf {} +
 cp "$WORK"/lib/llm_engine/_C*.so "$WORK/pkg/llm_engine/"
 cp tests/test_block_manager.py tests/test_block_manager_property.py tests/test_cpu_attention.py \
+  tests/test_cpu_layer_ops.py \
   tests/testing_utils.py "$WORK/tests/"
 
 ASAN_RT="$(gcc -print-file-name=libasan.so)"

@@ -151,11 +151,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up_proj(x)
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")
+        h = ops.silu_mul(h) if self.gated else F.gelu(h, approximate="tanh")
         return self.down_proj(h)
 
 

@@ -2,9 +2,10 @@
 
 Triton kernels run on CUDA tensors. CPU tensors take the ``torch`` backend:
 the plain-PyTorch references, except where the CPU has a faster path of its own:
-linear layers through oneDNN, fp32 decode attention through the C++ kernel
-``_C.paged_decode_attention``, prefill and training attention through
-``scaled_dot_product_attention``. ``LLM_ENGINE_BACKEND=torch|triton`` overrides
+linear layers through oneDNN; in fp32 inference (no gradient wanted), decode
+attention, RMSNorm, the SwiGLU activation, the rotary embedding and the K/V cache
+store through the C++ kernels of ``csrc/cpu/`` (``_C``); prefill and training
+attention through ``scaled_dot_product_attention``. ``LLM_ENGINE_BACKEND=torch|triton`` overrides
 the choice (tests set ``triton`` together with ``TRITON_INTERPRET=1`` to run the
 real kernels on CPU). The model calls only these functions and never branches on
 device itself.
@@ -170,8 +171,60 @@ def rms_norm(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim; with ``residual``: ``(norm(x + residual), x + residual)``."""
-    fn = _layer_norm.rms_norm if _triton(x) else _layer_norm.rms_norm_reference
+    if _triton(x):
+        fn = _layer_norm.rms_norm
+    elif (_native_ok(x, weight, residual) and x.shape[-1:] == weight.shape
+          and (residual is None or residual.shape == x.shape)):
+        fn = _rms_norm_native
+    else:
+        fn = _layer_norm.rms_norm_reference
     return fn(x, weight, eps=eps, residual=residual)
+
+
+def _native_ok(*tensors: torch.Tensor | None) -> bool:
+    """Whether the C++ CPU kernels can take these tensors: fp32 on the CPU, no gradient
+    wanted (they have no backward). A plain loop: this runs on every op of every layer."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (not t.is_cpu or t.dtype != torch.float32
+                              or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a C-contiguous ``(rows, last dim)`` matrix (itself when it already is one:
+    these wrappers run a few hundred times per decode step, so every call counts)."""
+    return t if t.dim() == 2 and t.is_contiguous() else t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def _rms_norm_native(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     residual: torch.Tensor | None = None
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    x2 = _rows(x)
+    out = torch.empty_like(x2)
+    threads = torch.get_num_threads()
+    if residual is None:
+        _C.rms_norm(out.numpy(), None, x2.numpy(), None, weight.contiguous().numpy(), eps, threads)
+        return out.view(x.shape)
+    res_out = torch.empty_like(x2)
+    _C.rms_norm(out.numpy(), res_out.numpy(), x2.numpy(), _rows(residual).numpy(),
+                weight.contiguous().numpy(), eps, threads)
+    return out.view(x.shape), res_out.view(x.shape)
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU activation ``silu(gate) * up`` of ``h (..., 2·width) = [gate | up]``;
+    returns ``(..., width)``. The C++ kernel on fp32 CPU inference, else PyTorch."""
+    if h.dim() == 0 or h.shape[-1] % 2:
+        raise ValueError(f"h must have an even last dimension [gate | up], got {tuple(h.shape)}")
+    if not _triton(h) and _native_ok(h):
+        h2 = _rows(h)
+        out = h2.new_empty(h2.shape[0], h2.shape[1] // 2)
+        _C.silu_mul(out.numpy(), h2.numpy(), torch.get_num_threads())
+        return out.view(*h.shape[:-1], h.shape[-1] // 2)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def attention_varlen(
@@ -239,8 +292,24 @@ def store_kv_cache(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write each token's K/V ``(tokens, kv_heads, d)`` into its cache slot (−1: skip)."""
-    fn = _paged.store_kv_cache if _triton(k) else _paged.store_kv_cache_reference
+    if _triton(k):
+        fn = _paged.store_kv_cache
+    elif (_native_ok(k, v, k_cache, v_cache) and slot_mapping.dtype == torch.int64
+          and slot_mapping.device.type == "cpu" and k_cache.is_contiguous()
+          and v_cache.is_contiguous()):
+        fn = _store_kv_cache_native
+    else:
+        fn = _paged.store_kv_cache_reference
     fn(k, v, k_cache, v_cache, slot_mapping)
+
+
+def _store_kv_cache_native(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def rows(t: torch.Tensor) -> torch.Tensor:  # rows may be apart (a slice of the QKV output)
+        return t if t.dim() == 3 and t[:1].is_contiguous() else t.contiguous()
+
+    _C.store_kv(k_cache.numpy(), v_cache.numpy(), rows(k).numpy(), rows(v).numpy(),
+                slot_mapping.contiguous().numpy())
 
 
 def paged_attention(
@@ -359,8 +428,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     The first and second halves of the head dimension form the (real, imaginary)
     pairs, as in HF Llama: ``x * cos + swap_halves(x) * sin``, with the sign folded
-    into ``sin``. Computed in fp32, returned in ``x``'s dtype.
+    into ``sin``. Computed in fp32, returned in ``x``'s dtype; by the C++ kernel on fp32
+    CPU inference.
     """
+    if (not _triton(x) and _native_ok(x, cos, sin) and x.dim() == 3 and x.shape[-1] % 2 == 0
+            and x[:1].is_contiguous() and cos.shape == sin.shape == (x.shape[0], 1, x.shape[-1])):
+        out = torch.empty(x.shape, dtype=x.dtype)
+        _C.rope(out.numpy(), x.numpy(), _rows(cos).numpy(), _rows(sin).numpy(),
+                torch.get_num_threads())
+        return out
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     return torch.addcmul(xf * cos, torch.cat((x2, x1), dim=-1), sin).to(x.dtype)

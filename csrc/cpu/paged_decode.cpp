@@ -1,45 +1,14 @@
-#include "cpu_attention/paged_decode.h"
+#include "cpu/paged_decode.h"
 
 #include <algorithm>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "cpu/fast_math.h"
+
 namespace llm_engine {
 namespace {
-
-template <typename To, typename From>
-inline To bit_cast(From x) {
-  To y;
-  std::memcpy(&y, &x, sizeof(To));
-  return y;
-}
-
-// exp(x) for x <= 0 (scores minus their row maximum), within 2 ulp: x = n*ln2 + r with
-// |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial, 2^n from the exponent bits.
-// Written out so the compiler vectorises the softmax loop. Inputs below -87 are clamped
-// there: exp(-87) ~ 1.6e-38 is nothing next to the row maximum's exp(0) = 1, and 2^n
-// stays a normal float.
-inline float exp_nonpositive(float x) {
-  constexpr float kLog2e = 1.44269504f;
-  constexpr float kLn2Hi = 0.693145752f;  // ln 2 split in two (Cody-Waite)
-  constexpr float kLn2Lo = 1.42860677e-6f;
-  constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  x = std::max(x, -87.0f);
-  const float t = x * kLog2e + kShifter;
-  const float n = t - kShifter;
-  const int32_t ni = bit_cast<int32_t>(t) - bit_cast<int32_t>(kShifter);
-  const float r = x - n * kLn2Hi - n * kLn2Lo;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * bit_cast<float>((ni + 127) << 23);
-}
 
 inline float dot(const float* a, const float* b, int64_t n) {
   float acc = 0.0f;
