@@ -5,9 +5,9 @@ the plain-PyTorch references, except where the CPU has a faster path of its own:
 linear layers through oneDNN; in fp32 inference (no gradient wanted), decode
 attention, RMSNorm, the SwiGLU activation, the rotary embedding and the K/V cache
 store through the C++ kernels of ``csrc/cpu/`` (``_C``); prefill and training
-attention through ``scaled_dot_product_attention``. ``LLM_ENGINE_BACKEND=torch|triton`` overrides
-the choice (tests set ``triton`` together with ``TRITON_INTERPRET=1`` to run the
-real kernels on CPU). The model calls only these functions and never branches on
+attention through ``scaled_dot_product_attention``. ``LLM_ENGINE_BACKEND=torch|triton``
+overrides the choice (tests set ``triton`` together with ``TRITON_INTERPRET=1`` to run
+the real kernels on CPU). The model calls only these functions and never branches on
 device itself.
 """
 
@@ -223,6 +223,11 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
         out = h2.new_empty(h2.shape[0], h2.shape[1] // 2)
         _C.silu_mul(out.numpy(), h2.numpy(), torch.get_num_threads())
         return out.view(*h.shape[:-1], h.shape[-1] // 2)
+    return silu_mul_reference(h)
+
+
+def silu_mul_reference(h: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch :func:`silu_mul` (what CUDA, autograd and other dtypes run)."""
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -336,9 +341,7 @@ def paged_attention(
 
 def _native_decode_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, context_lens: torch.Tensor) -> bool:
-    tensors = (q, k_cache, v_cache, block_tables, context_lens)
-    return (all(t.device.type == "cpu" and not t.requires_grad for t in tensors)
-            and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+    return (_native_ok(q, k_cache, v_cache) and block_tables.is_cpu and context_lens.is_cpu
             and block_tables.dtype == context_lens.dtype == torch.int32
             and q.dim() == 3 and k_cache.dim() == v_cache.dim() == 4
             and k_cache.is_contiguous() and v_cache.is_contiguous())
@@ -431,12 +434,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     into ``sin``. Computed in fp32, returned in ``x``'s dtype; by the C++ kernel on fp32
     CPU inference.
     """
-    if (not _triton(x) and _native_ok(x, cos, sin) and x.dim() == 3 and x.shape[-1] % 2 == 0
-            and x[:1].is_contiguous() and cos.shape == sin.shape == (x.shape[0], 1, x.shape[-1])):
+    if (not _triton(x) and _native_ok(x, cos, sin) and x.dim() == 3
+            and x.stride(2) == 1 and x.stride(1) == x.shape[2]  # rows may be apart
+            and cos.shape == sin.shape == (x.shape[0], 1, x.shape[2])
+            and cos.is_contiguous() and sin.is_contiguous()):
         out = torch.empty(x.shape, dtype=x.dtype)
-        _C.rope(out.numpy(), x.numpy(), _rows(cos).numpy(), _rows(sin).numpy(),
-                torch.get_num_threads())
+        _C.rope(out.numpy(), x.numpy(), cos.numpy(), sin.numpy(), torch.get_num_threads())
         return out
+    return apply_rope_reference(x, cos, sin)
+
+
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch :func:`apply_rope` (what CUDA, autograd and other dtypes run)."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     return torch.addcmul(xf * cos, torch.cat((x2, x1), dim=-1), sin).to(x.dtype)

@@ -50,9 +50,8 @@ def test_silu_mul_matches_reference(rows, width) -> None:
     h = torch.randn(rows, 2 * width) * 4
     with torch.inference_mode():
         out = ops.silu_mul(h)
-    gate, up = h.double().chunk(2, dim=-1)
     assert out.shape == (rows, width)
-    assert_close(out, F.silu(gate) * up, torch.float32)
+    assert_close(out, ops.silu_mul_reference(h.double()), torch.float32)
 
 
 def test_silu_mul_at_the_extremes_and_in_3d() -> None:
@@ -81,10 +80,9 @@ def test_rope_matches_reference(rows, heads, head_dim, strided) -> None:
     x = wide[:, 1:heads + 1] if strided else wide
     with torch.inference_mode():
         out = ops.apply_rope(x, *factors)
-        with torch.enable_grad():  # a gradient wanted: the PyTorch reference
-            ref = ops.apply_rope(x.double().requires_grad_(), *(f.double() for f in factors))
+    ref = ops.apply_rope_reference(x.double(), *(f.double() for f in factors))
     assert out.is_contiguous() and out.shape == x.shape
-    assert_close(out, ref.detach(), torch.float32)
+    assert_close(out, ref, torch.float32)
 
 
 @pytest.mark.parametrize("strided", [False, True])
@@ -140,14 +138,14 @@ def test_native_layer_ops_reject_bad_input() -> None:
         ops.silu_mul(torch.randn(4, 7))
     x3 = torch.randn(4, 2, 6)
     with pytest.raises(TypeError, match="contiguous within each row"):
-        _C.rope(torch.empty(4, 2, 3).numpy(), x3[:, :, ::2].numpy(), torch.randn(4, 3).numpy(),
-                torch.randn(4, 3).numpy())
+        _C.rope(torch.empty(4, 2, 3).numpy(), x3[:, :, ::2].numpy(),
+                torch.randn(4, 1, 3).numpy(), torch.randn(4, 1, 3).numpy())
     with pytest.raises(ValueError, match="head_dim even"):
         _C.rope(torch.empty(4, 2, 5).numpy(), torch.randn(4, 2, 5).numpy(),
-                torch.randn(4, 5).numpy(), torch.randn(4, 5).numpy())
+                torch.randn(4, 1, 5).numpy(), torch.randn(4, 1, 5).numpy())
     with pytest.raises(ValueError, match="sin .* must match cos"):
-        _C.rope(torch.empty(4, 2, 6).numpy(), x3.numpy(), torch.randn(4, 6).numpy(),
-                torch.randn(3, 6).numpy())
+        _C.rope(torch.empty(4, 2, 6).numpy(), x3.numpy(), torch.randn(4, 1, 6).numpy(),
+                torch.randn(3, 1, 6).numpy())
     cache = torch.zeros(2, 4, 2, 6)
     kv = torch.randn(3, 2, 6)
     for bad, at in (([0, 8, 1], 1), ([-2, 0, 1], 0)):

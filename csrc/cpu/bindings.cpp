@@ -185,13 +185,14 @@ void rope_py(const py::handle& out_obj, const py::handle& x_obj, const py::handl
   auto out = expect_array<float>(out_obj, "out", "float32", 3);
   const int64_t x_stride = expect_rows<float>(x_obj, "x", "float32", 3);
   auto x = py::reinterpret_borrow<py::array_t<float>>(x_obj);
-  auto cos = expect_array<float>(cos_obj, "cos", "float32", 2);
-  auto sin = expect_array<float>(sin_obj, "sin", "float32", 2);
+  auto cos = expect_array<float>(cos_obj, "cos", "float32", 3);
+  auto sin = expect_array<float>(sin_obj, "sin", "float32", 3);
   expect_same_shape(out, "out", x, "x");
   expect_same_shape(sin, "sin", cos, "cos");
-  if (x.shape(2) % 2 != 0 || cos.shape(0) != x.shape(0) || cos.shape(1) != x.shape(2)) {
+  if (x.shape(2) % 2 != 0 || cos.shape(0) != x.shape(0) || cos.shape(1) != 1 ||
+      cos.shape(2) != x.shape(2)) {
     throw py::value_error("x " + shape_of(x_obj) + " must be (rows, heads, head_dim) with head_dim "
-                          "even, and cos, sin " + shape_of(cos_obj) + " (rows, head_dim)");
+                          "even, and cos, sin " + shape_of(cos_obj) + " (rows, 1, head_dim)");
   }
   expect_writeable(out, "out");
   expect_threads(num_threads);
@@ -260,8 +261,8 @@ void register_cpu_kernels(py::module_& m) {
         py::arg("num_threads") = 1,
         "Half-split rotary embedding, fp32: out = x * cos + swap_halves(x) * sin per head.\n\n"
         "x: (rows, heads, head_dim), contiguous within a row (rows may be apart); out: the\n"
-        "same shape, C-contiguous, not overlapping x; cos, sin: (rows, head_dim) factors of\n"
-        "each row's position, the sign of the first half folded into sin.");
+        "same shape, C-contiguous, not overlapping x; cos, sin: (rows, 1, head_dim) factors\n"
+        "of each row's position, the sign of the first half folded into sin.");
   m.def("store_kv", &store_kv_py, py::arg("k_cache"), py::arg("v_cache"), py::arg("k"),
         py::arg("v"), py::arg("slot_mapping"),
         "Write k[i], v[i] into cache slot slot_mapping[i] (-1: skip), fp32, in place.\n\n"

@@ -26,7 +26,7 @@ void silu_mul(float* out, const float* h, int64_t rows, int64_t width, int num_t
 // The half-split rotary embedding: out = x * cos + swap_halves(x) * sin per head, with
 // the sign of the first half folded into sin. out: (rows, heads, head_dim) contiguous;
 // x: (rows, heads, head_dim), heads and head_dim contiguous, rows x_stride apart;
-// cos, sin: (rows, head_dim) contiguous, the factors of each row's position.
+// cos, sin: (rows, 1, head_dim) contiguous, the factors of each row's position.
 void rope(float* out, const float* x, int64_t x_stride, const float* cos, const float* sin,
           int64_t rows, int64_t heads, int64_t head_dim, int num_threads);
 

@@ -40,6 +40,7 @@ PLOT_SPECS: dict[str, PlotSpec] = {
     "paged_attention": PlotSpec("Paged decode attention", "context length (tokens)",
                                 (("context",), ("context_len",), ("seqlen",))),
     "linear": PlotSpec("Linear layers", "rows (tokens)", (("rows",),)),
+    "cpu_layer_ops": PlotSpec("CPU layer ops", "rows (tokens)", (("rows",),)),
     "generate": PlotSpec("Generation", "batch size (sequences)", (("batch",), ("batch_size",))),
 }
 
