@@ -1,14 +1,15 @@
 """pytest-benchmark: paged decode attention (``llm_engine.bench.paged_attention`` has the
-full table). On CUDA: bf16 at the long-context cases; on CPU: a tiny case through the
-engine's CPU path (the PyTorch reference), or the kernel when TRITON_INTERPRET=1."""
+full table). On CUDA: bf16 at the long-context cases; on CPU: SmolLM2's 32-request decode
+(fp32, 128 tokens each) through the engine's CPU path (``ops.paged_attention``: the C++
+kernel) and through the PyTorch reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from llm_engine.kernels._utils import interpreting
 from llm_engine.kernels.paged_attention import paged_attention, paged_attention_reference
 
+from llm_engine import ops
 from llm_engine.bench.paged_attention import BLOCK_SIZE, _make_case
 
 CUDA = torch.cuda.is_available()
@@ -35,10 +36,11 @@ def test_bench_paged_attention_cuda(benchmark, batch, context, head_dim):
     benchmark(step)
 
 
-def test_bench_paged_attention_cpu_path(benchmark):
+@pytest.mark.parametrize("impl", ["ops", "reference"])
+def test_bench_paged_attention_cpu_path(benchmark, impl):
     if CUDA:
         pytest.skip("the CUDA cases cover the kernel")
-    args = _make_case(2, 64, 16, BLOCK_SIZE, torch.float32, DEVICE)
-    fn = paged_attention if interpreting() else paged_attention_reference
+    args = _make_case(32, 128, 64, BLOCK_SIZE, torch.float32, DEVICE)
+    fn = ops.paged_attention if impl == "ops" else paged_attention_reference
     out = benchmark(lambda: fn(**args))
     assert out.shape == args["q"].shape
