@@ -3,16 +3,16 @@
 #include <cmath>
 #include <cstring>
 
-#include "cpu/fast_math.h"
+#include "cpu/vectorize.h"
 
 namespace llm_engine {
 namespace {
 
 // Below this many floats an op runs on the calling thread alone: waking a second
 // thread costs more than the few microseconds it would save.
-constexpr int64_t kMinParallelWork = 1 << 14;
+[[maybe_unused]] constexpr int64_t kMinParallelWork = 1 << 14;
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+LLM_ENGINE_ISA_CLONES
 void rms_norm_row(float* out, float* residual_out, const float* x, const float* residual,
                   const float* weight, int64_t dim, float eps) {
   const float* s = x;
@@ -36,7 +36,7 @@ void rms_norm_row(float* out, float* residual_out, const float* x, const float* 
 
 // silu(g) = g * sigmoid(g), with sigmoid from e = exp(-|g|) <= 1, which cannot overflow:
 // 1 / (1 + e) for g >= 0 and e / (1 + e) for g < 0.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+LLM_ENGINE_ISA_CLONES
 void silu_mul_row(float* out, const float* gate, const float* up, int64_t width) {
 #pragma omp simd
   for (int64_t i = 0; i < width; ++i) {
@@ -47,7 +47,7 @@ void silu_mul_row(float* out, const float* gate, const float* up, int64_t width)
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+LLM_ENGINE_ISA_CLONES
 void rope_row(float* out, const float* x, const float* cos, const float* sin, int64_t heads,
               int64_t head_dim) {
   const int64_t half = head_dim / 2;
@@ -64,7 +64,8 @@ void rope_row(float* out, const float* x, const float* cos, const float* sin, in
 }  // namespace
 
 void rms_norm(float* out, float* residual_out, const float* x, const float* residual,
-              const float* weight, int64_t rows, int64_t dim, float eps, int num_threads) {
+              const float* weight, int64_t rows, int64_t dim, float eps,
+              [[maybe_unused]] int num_threads) {
 #pragma omp parallel for if (rows * dim >= kMinParallelWork) num_threads(num_threads) \
     schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
@@ -73,7 +74,8 @@ void rms_norm(float* out, float* residual_out, const float* x, const float* resi
   }
 }
 
-void silu_mul(float* out, const float* h, int64_t rows, int64_t width, int num_threads) {
+void silu_mul(float* out, const float* h, int64_t rows, int64_t width,
+              [[maybe_unused]] int num_threads) {
 #pragma omp parallel for if (rows * width >= kMinParallelWork) num_threads(num_threads) \
     schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
@@ -82,7 +84,7 @@ void silu_mul(float* out, const float* h, int64_t rows, int64_t width, int num_t
 }
 
 void rope(float* out, const float* x, int64_t x_stride, const float* cos, const float* sin,
-          int64_t rows, int64_t heads, int64_t head_dim, int num_threads) {
+          int64_t rows, int64_t heads, int64_t head_dim, [[maybe_unused]] int num_threads) {
   const int64_t row = heads * head_dim;
 #pragma omp parallel for if (rows * row >= kMinParallelWork) num_threads(num_threads) \
     schedule(static)

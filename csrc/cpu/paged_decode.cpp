@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/fast_math.h"
+#include "cpu/vectorize.h"
 
 namespace llm_engine {
 namespace {
@@ -36,7 +36,7 @@ struct DecodeArgs {
 // (and V) row holds every kv head (kv_heads * head_dim floats, contiguous), so a
 // block is read front to back once per pass. scratch holds heads * (p1 - p0) floats.
 template <int64_t kHeadDim>
-__attribute__((target_clones("avx512f", "avx2", "default")))
+LLM_ENGINE_ISA_CLONES
 void attend_chunk(const DecodeArgs& a, int64_t seq, int64_t p0, int64_t p1, float* scratch,
                   float* partial) {
   const DecodeShape& s = a.shape;
@@ -163,8 +163,8 @@ void paged_decode_attention(float* out, const float* q, const float* k_cache,
   const int64_t items = first_item[shape.num_seqs];
   const int64_t per_item = shape.heads * (shape.head_dim + 2);
   std::vector<float> partials(static_cast<size_t>(items * per_item));
-  const int64_t threads = std::clamp<int64_t>(std::min<int64_t>(num_threads, work / kMinWork), 1,
-                                              std::max<int64_t>(items, 1));
+  [[maybe_unused]] const int64_t threads = std::clamp<int64_t>(
+      std::min<int64_t>(num_threads, work / kMinWork), 1, std::max<int64_t>(items, 1));
   // The OpenMP runtime is the one PyTorch loaded (same soname), so these are the
   // threads its own ops use, already awake, and never more threads than cores.
 #pragma omp parallel num_threads(static_cast<int>(threads))

@@ -1,10 +1,20 @@
-// Small float helpers the CPU kernels share, written so the compiler vectorises the
-// loops that call them.
+// What the CPU kernels share so that their loops vectorise: one build of a function per
+// x86 vector ISA, and float helpers written for the vectoriser.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+
+// LLM_ENGINE_ISA_CLONES before a function compiles it for AVX-512, AVX2 and baseline
+// x86-64, the best one picked when the library loads (GCC's target_clones, an ifunc:
+// x86-64 Linux). Other compilers and targets (clang, macOS, ARM) build it once for the
+// compiler's own target.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define LLM_ENGINE_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LLM_ENGINE_ISA_CLONES
+#endif
 
 namespace llm_engine {
 
