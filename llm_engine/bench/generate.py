@@ -206,7 +206,8 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
     backend = ""
     if not cuda:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        backend = ("CPU: fp32, oneDNN linears, C++ decode attention, "
+        backend = ("CPU: fp32, oneDNN linears on packed weights, C++ decode attention and "
+                   "layer ops, "
                    f"{torch.get_num_threads()} threads, "
                    f"load average {load:.1f} at start")
     yield from _decode_rows(llm, hf, hf_note, device, sizes, ceilings, 1, backend)
