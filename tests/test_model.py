@@ -46,6 +46,29 @@ def test_packed_sequences_equal_separate_forwards(config: ModelConfig) -> None:
     torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("config", [GPT2_TINY, LLAMA_TINY], ids=["gpt2", "llama"])
+def test_packed_weights_give_the_same_logits_before_and_after_training(config) -> None:
+    model = Transformer(config)
+    twin = Transformer(config)
+    twin.load_state_dict(model.state_dict())
+    model.pack_weights()
+    idx = torch.randint(0, config.vocab_size, (2, 9))
+
+    def logits(m: Transformer) -> torch.Tensor:
+        with torch.inference_mode():
+            return m.compute_logits(m.forward_batch(idx))
+
+    torch.testing.assert_close(logits(model), logits(twin), rtol=1e-5, atol=1e-5)
+    for m in (model, twin):  # the same training step on both: the packed copies follow
+        loss = F.cross_entropy(m.compute_logits(m.forward_batch(idx[:, :-1])),
+                               idx[:, 1:].reshape(-1))
+        loss.backward()
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
+    torch.testing.assert_close(logits(model), logits(twin), rtol=1e-5, atol=1e-5)
+    model.pack_weights(False)
+    assert all(getattr(m, "packed", None) is None for m in model.modules())
+
+
 def test_config_rejects_bad_fields() -> None:
     with pytest.raises(ValueError, match="num_heads"):
         ModelConfig(hidden_size=48, num_heads=5)
