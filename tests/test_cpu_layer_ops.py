@@ -146,6 +146,8 @@ def test_native_layer_ops_reject_bad_input() -> None:
     with pytest.raises(ValueError, match="sin .* must match cos"):
         _C.rope(torch.empty(4, 2, 6).numpy(), x3.numpy(), torch.randn(4, 1, 6).numpy(),
                 torch.randn(3, 1, 6).numpy())
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        _C.rope(x3.numpy(), x3.numpy(), torch.randn(4, 1, 6).numpy(), torch.randn(4, 1, 6).numpy())
     cache = torch.zeros(2, 4, 2, 6)
     kv = torch.randn(3, 2, 6)
     for bad, at in (([0, 8, 1], 1), ([-2, 0, 1], 0)):

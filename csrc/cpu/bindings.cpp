@@ -196,7 +196,14 @@ void rope_py(const py::handle& out_obj, const py::handle& x_obj, const py::handl
   }
   expect_writeable(out, "out");
   expect_threads(num_threads);
+  // Each output half reads both input halves, so out must not overlap x.
+  const float* x_begin = x.data();
+  const float* x_end = x.size() == 0 ? x_begin
+                                     : x_begin + (x.shape(0) - 1) * x_stride + x.shape(1) * x.shape(2);
   float* out_data = out.mutable_data();
+  if (out.size() > 0 && out_data < x_end && x_begin < out_data + out.size()) {
+    throw py::value_error("out must not overlap x");
+  }
   py::gil_scoped_release release;
   rope(out_data, x.data(), x_stride, cos.data(), sin.data(), x.shape(0), x.shape(1), x.shape(2),
        num_threads);
