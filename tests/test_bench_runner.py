@@ -255,3 +255,17 @@ def test_profile_kernel_rejects_a_shape_of_the_wrong_rank(capsys):
 def test_profile_kernel_workloads_call_each_kernel(name, shape, backward):
     workload = build_workload(name, shape, torch.float32, "cpu", backward)
     assert profile_kernel(workload, "cpu", iters=1, warmup=0) > 0
+
+
+def test_interpreter_rows_are_left_out_of_every_speed_comparison() -> None:
+    from llm_engine.bench.common import INTERPRETER_NOTE
+    from llm_engine.bench.report import ours_speedups, summary
+
+    rows = [Row("k", "timed", OURS, "GB/s", 4.0, rel_err=0.0),
+            Row("k", "timed", "torch", "GB/s", 2.0, rel_err=0.0),
+            Row("k", "interp", OURS, "GB/s", 0.001, rel_err=0.0, note=INTERPRETER_NOTE),
+            Row("k", "interp", "torch", "GB/s", 2.0, rel_err=0.0)]
+    assert ours_speedups(rows) == [None, 2.0, None, None]
+    assert summary(rows) == [{"suite": "k", "reference": "torch", "cases": 1, "geomean": 2.0,
+                              "min": 2.0}]
+    assert rows[0].speed_figure and not rows[2].speed_figure

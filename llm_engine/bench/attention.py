@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llm_engine.bench.common import OURS, Ceilings, Row, rel_error, time_ms
+from llm_engine.bench.common import INTERPRETER_NOTE, OURS, Ceilings, Row, rel_error, time_ms
 from llm_engine.kernels._utils import interpreting
 from llm_engine.kernels.attention import (
     attention_reference,
@@ -154,7 +154,7 @@ def _rows(device: str, quick: bool) -> Iterator[Row]:
     dtype = torch.bfloat16 if cuda else torch.float32
     if cuda or interpreting():
         ours: Attn = lambda q, k, v, c: flash_attention(q, k, v, causal=c)  # noqa: E731
-        ours_note = "" if cuda else "Triton interpreter on CPU: not a speed figure"
+        ours_note = "" if cuda else INTERPRETER_NOTE
     else:
         ours = lambda q, k, v, c: attention_reference(q, k, v, causal=c)  # noqa: E731
         ours_note = "CPU: the engine's PyTorch path (attention_reference), not the kernel"

@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 OURS = "llm_engine"
+INTERPRETER_NOTE = "Triton interpreter on CPU: not a speed figure"
+"""The note of a row timed in the Triton interpreter: kept for its correctness figure,
+left out of every speed comparison."""
 """``Row.impl`` of this engine's own implementation; every other impl is a reference."""
 
 
@@ -49,6 +52,11 @@ class Row:
     rel_err: float | None = None
     note: str = ""
     params: dict = field(default_factory=dict)
+
+    @property
+    def speed_figure(self) -> bool:
+        """False for a row timed in the Triton interpreter (see ``INTERPRETER_NOTE``)."""
+        return not self.note.startswith(INTERPRETER_NOTE)
 
     def to_dict(self) -> dict:
         return asdict(self)

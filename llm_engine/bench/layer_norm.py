@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from llm_engine.bench.common import OURS, Ceilings, Row, rel_error, time_ms
+from llm_engine.bench.common import INTERPRETER_NOTE, OURS, Ceilings, Row, rel_error, time_ms
 from llm_engine.kernels._utils import interpreting
 from llm_engine.kernels.layer_norm import (
     layer_norm,
@@ -179,7 +179,7 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
         for variant in VARIANTS:
             ours, ours_note = _ours(variant), ""
             if interpreting():
-                ours_note = "Triton interpreter on CPU: not a speed figure"
+                ours_note = INTERPRETER_NOTE
             elif not cuda:
                 ours = _reference(variant)
                 ours_note = "CPU: the engine's PyTorch path (the reference), not the kernel"

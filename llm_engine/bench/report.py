@@ -77,11 +77,12 @@ def ours_speedups(rows: list[Row]) -> list[float | None]:
     """For each row: our value ÷ its value on the same (suite, case), when both exist.
 
     Every metric is a throughput (higher is better), so a figure above 1 means
-    our implementation is faster than that one. Our own rows get ``None``.
+    our implementation is faster than that one. Our own rows get ``None``, and so
+    does every row of a case where ours is no speed figure (the Triton interpreter).
     """
     ours: dict[tuple[str, str, str], float] = {}
     for row in rows:
-        if row.impl == OURS and _usable(row.value):
+        if row.impl == OURS and _usable(row.value) and row.speed_figure:
             ours.setdefault((row.suite, row.case, row.metric), row.value)
     out: list[float | None] = []
     for row in rows:

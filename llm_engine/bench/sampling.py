@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from llm_engine.bench.common import OURS, Ceilings, Row, time_ms
+from llm_engine.bench.common import INTERPRETER_NOTE, OURS, Ceilings, Row, time_ms
 from llm_engine.kernels._utils import interpreting
 from llm_engine.kernels.sampling import (
     _filtered_probs,
@@ -131,7 +131,7 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
 
             if cuda or interpreting():
                 ours = lambda lg=logits, kw=kw: sample(lg, TEMPERATURE, seed=0, **kw)
-                note = "Triton interpreter on CPU: not a speed figure" if not cuda else ""
+                note = INTERPRETER_NOTE if not cuda else ""
             else:
                 ours = lambda lg=logits, kw=kw: sample_reference(lg, TEMPERATURE, seed=0, **kw)
                 note = "CPU: the engine's PyTorch path (sample_reference), not the kernel"
