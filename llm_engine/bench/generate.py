@@ -30,7 +30,8 @@ for the same prompts (0 for HF itself). Our CUDA rows use CUDA graphs for decode
 
 Sizes (``_sizes``) keep the full CUDA run within about a minute (the GPU script's
 budget); on CPU every timing is the fastest of 3 runs, as a shared 2-core machine
-is noisy. Rows are yielded as measured (``iter_rows``), most telling first.
+is noisy, and the runs of ours and HF's take turns, so that both meet the same
+moments of the machine. Rows are yielded as measured (``iter_rows``), most telling first.
 """
 
 from __future__ import annotations
@@ -114,15 +115,24 @@ def _timed(fn: Callable[[], object], device: str, repeats: int,
            warmup: Callable[[], object] | None = None) -> tuple[float, object]:
     """Fastest of ``repeats`` runs (seconds) after a warm-up (``warmup``, else ``fn``),
     and the last result."""
-    result = (warmup or fn)()
-    best = float("inf")
+    return _timed_in_turn({"": (fn, warmup)}, device, repeats)[""]
+
+
+def _timed_in_turn(fns: dict[str, tuple[Callable[[], object], Callable[[], object] | None]],
+                   device: str, repeats: int) -> dict[str, tuple[float, object]]:
+    """:func:`_timed` for several implementations ``name -> (fn, warmup or None)``, their
+    runs taking turns (a, b, a, b, ...): on a shared machine whose speed drifts, each
+    then meets the same moments, and their ratio holds still."""
+    results = {name: (warmup or fn)() for name, (fn, warmup) in fns.items()}
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        result = fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best, result
+        for name, (fn, _) in fns.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            results[name] = fn()
+            synchronize(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: (best[name], results[name]) for name in fns}
 
 
 def _hf_generate(hf, prompts: list[list[int]], new: int | list[int],
@@ -234,19 +244,24 @@ def _decode_rows(llm, hf, hf_note: str, device: str, sizes: _Sizes, ceilings: Ce
     params = {"batch": batch, "new_tokens": new, "prompt_tokens": len(prompts[0])}
     weight_bytes = model.num_parameters() * next(model.parameters()).element_size()
 
-    def rate(gen: Callable[[int], object]) -> tuple[float, float, object]:
-        t1, _ = _timed(lambda: gen(1), device, sizes.repeats)
-        tn, result = _timed(lambda: gen(new), device, sizes.repeats)
-        return batch * (new - 1) / max(tn - t1, 1e-9), tn, result
+    gens: dict[str, Callable[[int], object]] = {OURS: lambda n: _ours_generate(llm, prompts, n)}
+    if hf is not None:
+        gens["hf"] = lambda n: _hf_generate(hf, prompts, n, batch)
 
-    ours_rate, ours_t, ours_out = rate(lambda n: _ours_generate(llm, prompts, n))
+    def timed(n: int) -> dict[str, tuple[float, object]]:
+        return _timed_in_turn({k: (lambda g=g: g(n), None) for k, g in gens.items()}, device,
+                              sizes.repeats)
+
+    t1, tn = timed(1), timed(new)
+    rates = {k: batch * (new - 1) / max(tn[k][0] - t1[k][0], 1e-9) for k in gens}
+    ours_rate, (ours_t, ours_out) = rates[OURS], tn[OURS]
     ours_tokens = [o.outputs[0].token_ids for o in ours_out]
     notes = [backend, hf_note, "CUDA graphs for decode" if device.startswith("cuda") else ""]
     ours = Row(SUITE, case, OURS, "tok/s", ours_rate, ms=ours_t * 1e3,
                ceiling_frac=_bw_frac(ours_rate / batch, weight_bytes, ceilings), params=params)
     rows = [ours]
     if hf is not None:
-        hf_rate, hf_t, hf_tokens = rate(lambda n: _hf_generate(hf, prompts, n, batch))
+        hf_rate, (hf_t, hf_tokens) = rates["hf"], tn["hf"]
         rows.append(Row(SUITE, case, "hf-transformers", "tok/s", hf_rate, ms=hf_t * 1e3,
                         ceiling_frac=_bw_frac(hf_rate / batch, weight_bytes, ceilings),
                         rel_err=0.0, note="generate(), greedy, DynamicCache", params=params))
@@ -285,11 +300,13 @@ def _throughput_case(llm, hf, hf_note: str, device: str, sizes: _Sizes, ceilings
     flops = _flops(model, sum(in_lens), n_output)
     peak = ceilings.matmul_tflops * 1e12
 
-    def warmup() -> object:
-        return _ours_generate(llm, prompts[:2], 2)
-
-    t, outs = _timed(lambda: _ours_generate(llm, prompts, out_lens), device, sizes.repeats,
-                     warmup)
+    fns = {OURS: (lambda: _ours_generate(llm, prompts, out_lens),
+                  lambda: _ours_generate(llm, prompts[:2], 2))}
+    if hf is not None:
+        fns["hf"] = (lambda: _hf_generate(hf, prompts, out_lens, sizes.hf_batch),
+                     lambda: _hf_generate(hf, prompts[:2], 2, 2))
+    timings = _timed_in_turn(fns, device, sizes.repeats)
+    t, outs = timings[OURS]
     ours_tokens = [o.outputs[0].token_ids for o in outs]
     ttft = [o.metrics.ttft * 1e3 for o in outs]
     tpot = [o.metrics.tpot * 1e3 for o in outs if o.metrics.tpot is not None]
@@ -302,9 +319,7 @@ def _throughput_case(llm, hf, hf_note: str, device: str, sizes: _Sizes, ceilings
                ceiling_frac=flops / t / peak, params={**params, **pcts})
     rows = [ours]
     if hf is not None:
-        hf_t, hf_tokens = _timed(lambda: _hf_generate(hf, prompts, out_lens, sizes.hf_batch),
-                                 device, sizes.repeats,
-                                 lambda: _hf_generate(hf, prompts[:2], 2, 2))
+        hf_t, hf_tokens = timings["hf"]
         hf_note_row = f"generate() in static batches of {sizes.hf_batch}"
         if ratio:
             hf_note_row += " (left-padded; a batch runs until its longest request is done)"
