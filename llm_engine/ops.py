@@ -82,9 +82,11 @@ class PackedWeight:
     """A linear weight in oneDNN's blocked layout, for CPU inference through :func:`linear`.
 
     oneDNN reorders a plain ``(out, in)`` weight on every call; a packed copy skips
-    that: on SmolLM2's projections the matmul is 1.0-1.5x faster at 1 row, 1.2-1.3x at
-    the 32 rows of a batched decode and about the same at 2048 (the ``linear``
-    benchmark suite), at the cost of a second copy of the weight. The copy
+    that: on SmolLM2's projections the matmul is 1.0-1.5x faster at 1 row and 1.2-1.4x
+    at the 32 rows of a batched decode; at 2048 rows the body's are about the same and
+    the LM head's has measured 0.7-0.9x, a size the engine never runs (it computes
+    logits for the sampled rows only). See the ``linear`` benchmark suite. The cost is
+    a second copy of the weight. The copy
     is made on first use and remade whenever the weight changes: an in-place update
     bumps the weight's version, and a new tensor has another storage (the cache holds
     the old one, so its address cannot be reused). Where oneDNN cannot pack the
