@@ -9,7 +9,8 @@ namespace llm_engine {
 namespace {
 
 // Below this many floats an op runs on the calling thread alone: waking a second
-// thread costs more than the few microseconds it would save.
+// thread costs more than the few microseconds it would save. (A build without OpenMP
+// runs everything on the calling thread and never reads it.)
 [[maybe_unused]] constexpr int64_t kMinParallelWork = 1 << 14;
 
 LLM_ENGINE_ISA_CLONES
