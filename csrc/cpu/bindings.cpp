@@ -20,42 +20,54 @@ namespace py = pybind11;
 namespace llm_engine {
 namespace {
 
+// TypeError naming the argument, what it must be and what it is.
+[[noreturn]] void throw_not_array(const py::handle& obj, const char* name,
+                                  const std::string& must_be) {
+  throw py::type_error(std::string(name) + " must be " + must_be + ", got " +
+                       std::string(py::str(py::type::handle_of(obj))) +
+                       (py::isinstance<py::array>(obj)
+                            ? " of dtype " + std::string(py::str(obj.attr("dtype")))
+                            : ""));
+}
+
+void expect_ndim(const py::array& arr, const py::handle& obj, const char* name,
+                 py::ssize_t ndim) {
+  if (arr.ndim() != ndim) {
+    throw py::value_error(std::string(name) + " must have " + std::to_string(ndim) +
+                          " dimensions, got shape " + std::string(py::str(obj.attr("shape"))));
+  }
+}
+
 template <typename T>
 py::array_t<T> expect_array(const py::handle& obj, const char* name, const char* dtype,
                             py::ssize_t ndim) {
   if (!py::isinstance<py::array_t<T, py::array::c_style>>(obj)) {
-    throw py::type_error(std::string(name) + " must be a C-contiguous " + dtype + " array, got " +
-                         std::string(py::str(py::type::handle_of(obj))) +
-                         (py::isinstance<py::array>(obj)
-                              ? " of dtype " + std::string(py::str(obj.attr("dtype")))
-                              : ""));
+    throw_not_array(obj, name, std::string("a C-contiguous ") + dtype + " array");
   }
   auto arr = py::reinterpret_borrow<py::array_t<T>>(obj);
-  if (arr.ndim() != ndim) {
-    throw py::value_error(std::string(name) + " must have " + std::to_string(ndim) +
-                          " dimensions, got shape " + std::string(py::str(obj.attr("shape"))));
-  }
+  expect_ndim(arr, obj, name, ndim);
   return arr;
 }
 
-// An array of T whose rows may be apart (a slice of wider rows), with every other
-// dimension contiguous inside a row; returns the row stride in elements.
+// An array whose rows may be apart (a slice of wider rows), and its row stride in
+// elements.
 template <typename T>
-int64_t expect_rows(const py::handle& obj, const char* name, const char* dtype, py::ssize_t ndim) {
+struct Rows {
+  py::array_t<T> array;
+  int64_t stride;
+};
+
+// Every dimension but the first must be contiguous inside a row.
+template <typename T>
+Rows<T> expect_rows(const py::handle& obj, const char* name, const char* dtype, py::ssize_t ndim) {
   if (!py::isinstance<py::array_t<T>>(obj)) {
-    throw py::type_error(std::string(name) + " must be a " + dtype + " array, got " +
-                         std::string(py::str(py::type::handle_of(obj))) +
-                         (py::isinstance<py::array>(obj)
-                              ? " of dtype " + std::string(py::str(obj.attr("dtype")))
-                              : ""));
+    throw_not_array(obj, name, std::string("a ") + dtype + " array");
   }
-  auto arr = py::reinterpret_borrow<py::array>(obj);
-  if (arr.ndim() != ndim) {
-    throw py::value_error(std::string(name) + " must have " + std::to_string(ndim) +
-                          " dimensions, got shape " + std::string(py::str(obj.attr("shape"))));
-  }
-  py::ssize_t inner = static_cast<py::ssize_t>(sizeof(T));
-  if (arr.size() == 0) return 0;  // nothing to read (numpy gives empty arrays any strides)
+  auto arr = py::reinterpret_borrow<py::array_t<T>>(obj);
+  expect_ndim(arr, obj, name, ndim);
+  constexpr auto item = static_cast<py::ssize_t>(sizeof(T));
+  if (arr.size() == 0) return {arr, 0};  // nothing to read (numpy gives empty arrays any strides)
+  py::ssize_t inner = item;
   for (py::ssize_t i = ndim - 1; i >= 1; --i) {
     if (arr.shape(i) > 1 && arr.strides(i) != inner) {
       throw py::type_error(std::string(name) + " must be contiguous within each row, got strides " +
@@ -63,12 +75,13 @@ int64_t expect_rows(const py::handle& obj, const char* name, const char* dtype, 
     }
     inner *= arr.shape(i);
   }
+  if (arr.shape(0) == 1) return {arr, inner / item};
   const py::ssize_t stride = arr.strides(0);
-  if (arr.shape(0) > 1 && (stride < inner || stride % static_cast<py::ssize_t>(sizeof(T)) != 0)) {
+  if (stride < inner || stride % item != 0) {
     throw py::type_error(std::string(name) + " must have rows at least a row apart, got strides " +
                          std::string(py::str(obj.attr("strides"))));
   }
-  return arr.shape(0) > 1 ? stride / static_cast<py::ssize_t>(sizeof(T)) : inner / sizeof(T);
+  return {arr, stride / item};
 }
 
 std::string shape_of(const py::handle& a) { return std::string(py::str(a.attr("shape"))); }
@@ -108,16 +121,8 @@ void decode(const py::handle& out_obj, const py::handle& q_obj, const py::handle
                           "multiple of kv_heads and head_dim as in q " + shape_of(q_obj));
   }
   if (s.block_size <= 0) throw py::value_error("k_cache must have block_size > 0");
-  for (int i = 0; i < 4; ++i) {
-    if (v.shape(i) != k.shape(i)) {
-      throw py::value_error("v_cache " + shape_of(v_obj) + " must match k_cache " + shape_of(k_obj));
-    }
-  }
-  for (int i = 0; i < 3; ++i) {
-    if (out.shape(i) != q.shape(i)) {
-      throw py::value_error("out " + shape_of(out_obj) + " must match q " + shape_of(q_obj));
-    }
-  }
+  expect_same_shape(v, "v_cache", k, "k_cache");
+  expect_same_shape(out, "out", q, "q");
   if (tables.shape(0) != s.num_seqs || lens.shape(0) != s.num_seqs) {
     throw py::value_error("block_tables " + shape_of(tables_obj) + " and context_lens " +
                           shape_of(lens_obj) + " must have one row per sequence of q " +
@@ -183,8 +188,7 @@ void silu_mul_py(const py::handle& out_obj, const py::handle& h_obj, int num_thr
 void rope_py(const py::handle& out_obj, const py::handle& x_obj, const py::handle& cos_obj,
              const py::handle& sin_obj, int num_threads) {
   auto out = expect_array<float>(out_obj, "out", "float32", 3);
-  const int64_t x_stride = expect_rows<float>(x_obj, "x", "float32", 3);
-  auto x = py::reinterpret_borrow<py::array_t<float>>(x_obj);
+  const auto [x, x_stride] = expect_rows<float>(x_obj, "x", "float32", 3);
   auto cos = expect_array<float>(cos_obj, "cos", "float32", 3);
   auto sin = expect_array<float>(sin_obj, "sin", "float32", 3);
   expect_same_shape(out, "out", x, "x");
@@ -213,10 +217,8 @@ void store_kv_py(const py::handle& k_cache_obj, const py::handle& v_cache_obj,
                  const py::handle& k_obj, const py::handle& v_obj, const py::handle& slots_obj) {
   auto k_cache = expect_array<float>(k_cache_obj, "k_cache", "float32", 4);
   auto v_cache = expect_array<float>(v_cache_obj, "v_cache", "float32", 4);
-  const int64_t k_stride = expect_rows<float>(k_obj, "k", "float32", 3);
-  const int64_t v_stride = expect_rows<float>(v_obj, "v", "float32", 3);
-  auto k = py::reinterpret_borrow<py::array_t<float>>(k_obj);
-  auto v = py::reinterpret_borrow<py::array_t<float>>(v_obj);
+  const auto [k, k_stride] = expect_rows<float>(k_obj, "k", "float32", 3);
+  const auto [v, v_stride] = expect_rows<float>(v_obj, "v", "float32", 3);
   auto slots = expect_array<int64_t>(slots_obj, "slot_mapping", "int64", 1);
   expect_same_shape(v_cache, "v_cache", k_cache, "k_cache");
   expect_same_shape(v, "v", k, "k");
