@@ -195,6 +195,12 @@ def _native_ok(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
+def _rows_apart(t: torch.Tensor) -> bool:
+    """Whether ``t (rows, heads, d)`` is contiguous within each row, its rows possibly
+    apart (a slice of the QKV output): the layout the C++ kernels read in place."""
+    return t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2]
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a C-contiguous ``(rows, last dim)`` matrix (itself when it already is one:
     these wrappers run a few hundred times per decode step, so every call counts)."""
@@ -313,10 +319,8 @@ def store_kv_cache(
 
 def _store_kv_cache_native(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    def rows(t: torch.Tensor) -> torch.Tensor:  # rows may be apart (a slice of the QKV output)
-        return t if t.dim() == 3 and t[:1].is_contiguous() else t.contiguous()
-
-    _C.store_kv(k_cache.numpy(), v_cache.numpy(), rows(k).numpy(), rows(v).numpy(),
+    k, v = (t if _rows_apart(t) else t.contiguous() for t in (k, v))
+    _C.store_kv(k_cache.numpy(), v_cache.numpy(), k.numpy(), v.numpy(),
                 slot_mapping.contiguous().numpy())
 
 
@@ -437,8 +441,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     into ``sin``. Computed in fp32, returned in ``x``'s dtype; by the C++ kernel on fp32
     CPU inference.
     """
-    if (not _triton(x) and _native_ok(x, cos, sin) and x.dim() == 3
-            and x.stride(2) == 1 and x.stride(1) == x.shape[2]  # rows may be apart
+    if (not _triton(x) and _native_ok(x, cos, sin) and _rows_apart(x)
             and cos.shape == sin.shape == (x.shape[0], 1, x.shape[2])
             and cos.is_contiguous() and sin.is_contiguous()):
         out = torch.empty(x.shape, dtype=x.dtype)
