@@ -49,6 +49,7 @@ class BuildExt(build_ext):
             ext.extra_link_args += ["-fopenmp"] if openmp else []
         super().build_extensions()
 
+
 ext_modules = [
     Pybind11Extension(
         "llm_engine._C",

@@ -86,7 +86,8 @@ def _cases(rows: int, gen: torch.Generator) -> Iterator[tuple[str, int, Callable
 def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
     if torch.device(device).type == "cuda":
         yield Row(SUITE, "all", OURS, "GB/s", None,
-                  note="CPU kernels: on CUDA these ops are the Triton kernels of their own suites")
+                  note="CPU kernels: on CUDA the norms are Triton kernels (the layer_norm "
+                       "suite) and the other ops run in PyTorch")
         return
     gen = torch.Generator().manual_seed(0)
     for rows in _rows(quick):
