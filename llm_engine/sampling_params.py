@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+_INT64_MAX = 2**63 - 1
+
 
 @dataclass
 class SamplingParams:
@@ -46,7 +48,7 @@ class SamplingParams:
         _check_number("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        _check_int("top_k", self.top_k, minimum=0)
+        _check_int("top_k", self.top_k, minimum=0, maximum=_INT64_MAX)
         _check_number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -55,7 +57,7 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         _check_int("max_tokens", self.max_tokens, minimum=1)
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
+            _check_int("seed", self.seed, minimum=0, maximum=_INT64_MAX)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, minimum=0)
         for name in ("presence_penalty", "frequency_penalty"):
@@ -87,11 +89,14 @@ class SamplingParams:
                 or self.repetition_penalty != 1)
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
+def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum} (it is sampled as a 64-bit int), "
+                         f"got {value}")
 
 
 def _check_number(name: str, value: object) -> None:

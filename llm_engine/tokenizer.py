@@ -47,6 +47,7 @@ class Tokenizer:
         """Token ids of ``text``; special tokens written in the text are recognised."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        check_unicode(text, "text")
         ids = self.hf.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
@@ -64,6 +65,8 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r}")
+            if isinstance(m["content"], str):
+                check_unicode(m["content"], f"messages[{i}]['content']")
         special = {
             "bos_token": self._token_or_empty(self.bos_token_id),
             "eos_token": self._token_or_empty(self.eos_token_id),
@@ -138,6 +141,16 @@ def _token_id(hf: HFTokenizer, config: dict[str, Any], kind: str) -> int | None:
     if isinstance(token, dict):
         token = token.get("content")
     return hf.token_to_id(token) if isinstance(token, str) else None
+
+
+def check_unicode(text: str, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``text`` holds a lone surrogate (a string
+    that cannot be UTF-8 encoded, e.g. from a JSON ``"\\ud800"`` escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid Unicode: lone surrogate "
+                         f"U+{ord(text[e.start]):04X} at index {e.start}") from None
 
 
 def _raise_template_error(message: str) -> None:

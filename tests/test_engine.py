@@ -391,6 +391,7 @@ def test_soak_with_mixed_params_aborts_and_preemption_leaks_no_block(small_vocab
     ([], "prompt"),
     ([1, 2, 10**9], "token ids"),
     ("word " * (CONTEXT + 10), "longer than the model's context"),
+    ("ok \ud800 no", "prompt is not valid Unicode: lone surrogate U\\+D800 at index 3"),
 ])
 def test_bad_prompts_raise_value_errors(model, tokenizer, prompt, match):
     llm = make_llm(model, tokenizer)
@@ -411,6 +412,10 @@ def test_bad_arguments_raise_clear_errors(model, tokenizer):
         llm.stream("hi", SamplingParams(n=2))
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         make_llm(model, tokenizer, max_num_seqs=8, max_num_batched_tokens=4)
+    with pytest.raises(ValueError, match="logprobs = 100000 exceeds the vocabulary size"):
+        llm.generate("hi", SamplingParams(logprobs=100000), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"messages\[0\]\['content'\] is not valid Unicode"):
+        llm.chat([{"role": "user", "content": "\udfff"}], GREEDY, use_tqdm=False)
     tiny = make_llm(model, tokenizer, kv_cache_memory=2 * llm_block_bytes(model))
     with pytest.raises(ValueError, match="can never fit"):
         tiny.generate("hi", SamplingParams(max_tokens=100), use_tqdm=False)

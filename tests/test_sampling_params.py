@@ -35,6 +35,8 @@ def test_penalties_are_detected():
     ({"n": 1.5}, "n"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"seed": -1}, "seed"),
+    ({"seed": 2**80}, "seed"),
+    ({"top_k": 2**80}, "top_k"),
     ({"logprobs": -1}, "logprobs"),
     ({"presence_penalty": 3.0}, "presence_penalty"),
     ({"frequency_penalty": -2.5}, "frequency_penalty"),

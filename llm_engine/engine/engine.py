@@ -162,6 +162,9 @@ class Engine:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise ValueError(f"prompt token ids must be ints in [0, {vocab}), got "
                                  f"{t!r} at index {i}")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"sampling_params.logprobs = {params.logprobs} exceeds the "
+                             f"vocabulary size ({vocab})")
         if params.n > self.scheduler.max_num_seqs:
             raise ValueError(f"sampling_params.n = {params.n} exceeds max_num_seqs = "
                              f"{self.scheduler.max_num_seqs}")

@@ -10,7 +10,7 @@ from llm_engine.engine.engine import Engine, EngineStats
 from llm_engine.engine.sequence import Request, RequestOutput
 from llm_engine.model import Transformer
 from llm_engine.sampling_params import SamplingParams
-from llm_engine.tokenizer import Message, Tokenizer
+from llm_engine.tokenizer import Message, Tokenizer, check_unicode
 
 PromptInput = str | list[int]
 
@@ -155,6 +155,7 @@ class LLM:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
+            check_unicode(prompt, "prompt")
             return self.tokenizer.encode(prompt, add_bos=add_bos)
         return list(prompt)
 
