@@ -68,6 +68,7 @@ setup(
         "llm_engine.engine",
         "llm_engine.training",
         "llm_engine.bench",
+        "llm_engine.server",
     ],
     package_dir={"llm_engine": "llm_engine", "llm_engine.kernels": "kernels"},
     ext_modules=ext_modules,

@@ -1,4 +1,4 @@
-"""The ``llm-engine`` command: generate, chat, train, bench, profile-kernel."""
+"""The ``llm-engine`` command: generate, chat, serve, train, bench, profile-kernel."""
 
 from __future__ import annotations
 
@@ -45,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat, max_tokens=512)
 
     from llm_engine.bench.cli import add_bench_parsers
+    from llm_engine.server.cli import add_serve_parser
     from llm_engine.training.cli import add_train_parser
 
     add_train_parser(sub)
     add_bench_parsers(sub)
+    add_serve_parser(sub)
     return parser
 
 
@@ -134,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "chat":
             return cmd_chat(args)
-        if args.command == "train":
+        if args.command == "serve":
+            from llm_engine.server.cli import handle
+        elif args.command == "train":
             from llm_engine.training.cli import handle
         else:
             from llm_engine.bench.cli import handle
