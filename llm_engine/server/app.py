@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llm_engine.engine.engine import Engine
@@ -176,17 +175,24 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"unknown field {path!r}", path)
     if kind == "missing":
         return APIError(400, f"{path} is required", path)
-    return APIError(400, f"{path}: {err.get('msg', 'invalid value')}", path)
+    # A union (``prompt``, ``stop``) reports one error per member it tried: name them all.
+    messages = list(dict.fromkeys(
+        e.get("msg", "invalid value") for e in errors
+        if _path([p for p in e.get("loc", ()) if p != "body"]) == path))
+    return APIError(400, f"{path}: {' or '.join(messages[:4])}", path)
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 def _path(loc: list) -> str:
     """``messages[0].content`` from pydantic's location, leaving out the union member
-    tags it inserts (``str``, ``list[int]``, ``function-after[...]``)."""
+    tags it inserts (``str``, ``list[int]``, ``TextPart``, ``function-after[...]``)."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part.isidentifier():
+        elif part.isidentifier() and part not in _TYPE_TAGS and not part[0].isupper():
             out += f".{part}" if out else part
     return out
 
@@ -224,7 +230,7 @@ class _API:
         self._check_model(body.model)
         body.check()
         prompts = body.prompts()
-        encoded = await run_in_threadpool(self._encode_all, prompts)
+        encoded = self._encode_all(prompts)
         params = body.sampling_params(
             body.max_tokens if body.max_tokens is not None else _DEFAULT_COMPLETION_TOKENS,
             body.logprobs)
@@ -243,7 +249,7 @@ class _API:
                                                       add_generation_prompt=True)
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
-        ids = await run_in_threadpool(self.tokenizer.encode, text, False)
+        ids = self.tokenizer.encode(text, add_bos=False)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None \
             else body.max_tokens
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -394,7 +400,8 @@ class _Stream:
                 choice.logprobs += entries
             if d.finish_reason is not None:
                 choice.finish_reason = d.finish_reason
-            if d.text or d.finish_reason is not None or entries:
+            if d.text or d.finish_reason is not None or entries or (self.token_ids
+                                                                    and d.token_ids):
                 chunks.append(self._chunk(choice, d.text, d.token_ids, entries, d.finish_reason))
         return chunks
 

@@ -183,12 +183,12 @@ class AsyncEngine:
             if not self.engine.has_unfinished():
                 continue
             try:
-                touched = await loop.run_in_executor(self._executor, self.engine.step)
+                # No local keeps the step's requests: they must die with their last event.
+                self._publish(await loop.run_in_executor(self._executor, self.engine.step))
             except Exception:  # the engine failed: fail its requests, keep serving
                 logger.exception("engine step failed; aborting the requests in flight")
                 self._fail_all("the engine failed while running this request")
                 continue
-            self._publish(touched)
             self._snapshot()
         self._abort_all()
         self._snapshot()
