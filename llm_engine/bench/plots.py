@@ -42,6 +42,8 @@ PLOT_SPECS: dict[str, PlotSpec] = {
     "linear": PlotSpec("Linear layers", "rows (tokens)", (("rows",),)),
     "cpu_layer_ops": PlotSpec("CPU layer ops", "rows (tokens)", (("rows",),)),
     "generate": PlotSpec("Generation", "batch size (sequences)", (("batch",), ("batch_size",))),
+    "serve": PlotSpec("Serving (OpenAI API, streaming)", "concurrent clients",
+                      (("concurrency",),)),
 }
 
 _CEILING_LABELS = {"GB/s": "copy bandwidth", "TFLOP/s": "matmul peak"}
