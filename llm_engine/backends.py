@@ -12,6 +12,9 @@ from collections.abc import Callable
 
 import torch
 
+ORDER = ("linear", "rms_norm", "layer_norm", "apply_rope", "store_kv_cache", "paged_attention",
+         "paged_prefill_attention", "attention_varlen", "silu_mul", "sample", "cross_entropy")
+"""The table's order: as a layer runs them; ops registered later come after these."""
 TRAINING_OPS = ("linear", "rms_norm", "layer_norm", "apply_rope", "silu_mul",
                 "attention_varlen", "cross_entropy")
 
@@ -104,7 +107,8 @@ def backends_table(device: str | None = None, dtype: torch.dtype | None = None) 
              f"shapes; implementations in preference order",
              f"forced: {', '.join(forced) if forced else 'nothing'}", ""]
     rows = [("op", "impl", "inference", "training", "takes")]
-    for name, op in reg.ops.items():
+    for name in sorted(reg.ops, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+        op = reg.ops[name]
         inf = column(infer, name, torch.inference_mode)
         tr = column(train, name, torch.enable_grad)
         for i, (impl_name, impl) in enumerate(op.impls.items()):

@@ -44,13 +44,13 @@ def _prefill_signature(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 
 
 ATTENTION_VARLEN = registry().add(Op("attention_varlen", _varlen_signature, {
-    "self": "queries and keys over the same tokens (cu_seqlens_q == cu_seqlens_k)",
+    "self": "cu_seqlens_q == cu_seqlens_k",
 }, "attention over packed sequences"))
 STORE_KV_CACHE = registry().add(Op("store_kv_cache", _store_signature, {
-    "layout": "contiguous caches and an int64 CPU slot_mapping",
+    "layout": "contiguous caches, int64 CPU slot_mapping",
 }, "write K/V into cache slots"))
 PAGED_ATTENTION = registry().add(Op("paged_attention", _decode_signature, {
-    "layout": "q (seqs, heads, d), contiguous 4-D caches, int32 CPU block_tables/context_lens",
+    "layout": "q (seqs, heads, d), contiguous caches, int32 CPU tables and lengths",
 }, "decode attention over the paged cache"))
 PAGED_PREFILL_ATTENTION = registry().add(Op("paged_prefill_attention", _prefill_signature,
                                             summary="prefill over cached + new K/V"))

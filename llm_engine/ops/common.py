@@ -18,7 +18,7 @@ def triton_needs(grad: bool, facts: tuple[str, ...] = ()) -> Needs:
     """The Triton kernels: CUDA tensors (CPU ones under ``TRITON_INTERPRET=1``), fp32/fp16/bf16;
     ``grad``: whether the kernel has a backward."""
     return Needs(dtypes=FLOAT_DTYPES, grad=grad, facts=facts, device_ok=_triton_device,
-                 device_text="CUDA tensors (CPU under TRITON_INTERPRET=1)")
+                 device_text="CUDA tensors (CPU ones with TRITON_INTERPRET=1)")
 
 
 def on_cuda(sig: Signature) -> bool:

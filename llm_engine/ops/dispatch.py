@@ -58,8 +58,12 @@ def tensor_facts(op: str, *tensors: torch.Tensor | None) -> tuple[str, str, torc
     return op, device, dtype, grad
 
 
+_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+          torch.float64: "fp64"}
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return _SHORT.get(dtype) or str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,7 @@ def _rope_signature(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tu
 
 
 APPLY_ROPE = registry().add(Op("apply_rope", _rope_signature, {
-    "layout": "x (tokens, heads, head_dim) contiguous within each token, "
-              "cos/sin contiguous (tokens, 1, head_dim)",
+    "layout": "x (tokens, heads, d) contiguous per token, cos/sin (tokens, 1, d) contiguous",
 }, "rotary embedding"))
 
 

@@ -94,8 +94,8 @@ def _signature(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 
 LINEAR = registry().add(Op("linear", _signature, {
-    "matrix": "x (..., in) with at least 2 dims and some rows, weight (out, in)",
-    "onednn": "oneDNN in this PyTorch build, enabled, and no CPU autocast (its casts belong to F.linear)",
+    "matrix": "x (..., in) with 2+ dims and rows, weight (out, in)",
+    "onednn": "oneDNN enabled, no CPU autocast",
 }, "x @ weight.T + bias"))
 
 

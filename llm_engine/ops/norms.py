@@ -24,7 +24,7 @@ def _rms_norm_signature(x: torch.Tensor, weight: torch.Tensor, eps: float,
 LAYER_NORM = registry().add(Op("layer_norm", _layer_norm_signature,
                                summary="LayerNorm (+ residual)"))
 RMS_NORM = registry().add(Op("rms_norm", _rms_norm_signature, {
-    "shapes": "x (..., hidden), weight (hidden,), residual like x",
+    "shapes": "weight (hidden,), residual like x",
 }, "RMSNorm (+ residual)"))
 
 
