@@ -102,21 +102,23 @@ def backends_table(device: str | None = None, dtype: torch.dtype | None = None) 
     settings = reg.settings()
     forced = [f"{k}={v}" for k, v in settings.forced.items()]
     if settings.shorthand:
-        forced.insert(0, f"LLM_ENGINE_BACKEND={settings.shorthand}")
+        forced.insert(0, f"all={settings.shorthand}")
     lines = [f"device {dev.type}, dtype {str(dtype).removeprefix('torch.')}, the default model's "
              f"shapes; implementations in preference order",
              f"forced: {', '.join(forced) if forced else 'nothing'}", ""]
-    rows = [("op", "impl", "inference", "training", "takes")]
+    rows = [("op / implementation", "inference", "training", "what it is; what it takes")]
     for name in sorted(reg.ops, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
         op = reg.ops[name]
         inf = column(infer, name, torch.inference_mode)
         tr = column(train, name, torch.enable_grad)
-        for i, (impl_name, impl) in enumerate(op.impls.items()):
-            rows.append((name if i == 0 else "", impl_name, inf.get(impl_name, "n/a"),
-                         tr.get(impl_name, "n/a"), impl.needs.describe(op)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append((name, "", "", op.summary))
+        for impl_name, impl in op.impls.items():
+            rows.append((f"  {impl_name}", inf.get(impl_name, "n/a"), tr.get(impl_name, "n/a"),
+                         f"  {impl.summary}; {impl.needs.describe(op)}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  "
+                     + r[3])
     lines += ["", "yes: eligible for these inputs; chosen: what runs; n/a: the op does not run "
               "there. Force one with --backend op=impl, LLM_ENGINE_BACKENDS=op=impl,... or "
               "ops.use(op=impl)."]

@@ -1,6 +1,6 @@
 """The model gives the same logits and gradients with the Triton kernels as with the references.
 
-Runs the Triton kernels under the interpreter on CPU (``LLM_ENGINE_BACKEND=triton``),
+Runs the Triton kernels under the interpreter on CPU (``ops.use("triton")``),
 for a tiny config of each family, on a packed batch of ragged sequences.
 """
 

@@ -238,11 +238,13 @@ def test_backends_command_lists_every_implementation(capsys, process_settings) -
     assert main(["backends", "--device", "cpu", "--backend", "silu_mul=reference"]) == 0
     out = capsys.readouterr().out
     assert "forced: silu_mul=reference" in out
-    rows = {tuple(line.split()[:2]) for line in out.splitlines() if line.split()}
-    for op in REG.ops.values():
-        assert (op.name, next(iter(op.impls))) in rows
-    (silu,) = [line for line in out.splitlines() if line.startswith("silu_mul ")]
-    assert silu.split()[1:3] == ["cpp", "yes"]  # eligible, but not the one forced
+    lines = out.splitlines()
+    for op in REG.ops.values():  # the op's line, then one line per implementation in order
+        at = next(i for i, line in enumerate(lines) if line.split()[:1] == [op.name])
+        assert [line.split()[0] for line in lines[at + 1:at + 1 + len(op.impls)]] == list(op.impls)
+    at = next(i for i, line in enumerate(lines) if line.startswith("silu_mul "))
+    assert lines[at + 1].split()[:4] == ["cpp", "yes", "no", "C++"]  # eligible, not forced
+    assert lines[at + 2].split()[:3] == ["reference", "chosen", "chosen"]
     assert main(["backends", "--backend", "rms_norm=fast"]) == 2
     assert "rms_norm has no implementation 'fast'" in capsys.readouterr().err
 

@@ -44,7 +44,8 @@ def tensor_facts(op: str, *tensors: torch.Tensor | None) -> tuple[str, str, torc
     skipped. A plain loop: this runs for every op of every layer.
     """
     first = tensors[0]
-    device, dtype, grad = first.device.type, first.dtype, False
+    device = "cpu" if first.is_cpu else first.device.type  # is_cpu builds no device object
+    dtype, grad = first.dtype, False
     grad_on = torch.is_grad_enabled()
     for t in tensors:
         if t is None:
