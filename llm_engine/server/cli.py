@@ -14,6 +14,8 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from llm_engine.backends import add_backend_arg, apply_backend_args
+
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -28,6 +30,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None,
                    help="weights dtype: float32, bfloat16 or float16 (default: bfloat16 on "
                         "CUDA, float32 on CPU)")
+    add_backend_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: "
                                                        "127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -61,6 +64,7 @@ def handle(args: argparse.Namespace) -> int:
         raise ValueError(f"--dtype must be one of {', '.join(sorted(DTYPES))}, got {args.dtype!r}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    apply_backend_args(args.backend)
     llm = LLM(model=args.model, device=args.device,
               dtype=DTYPES[args.dtype] if args.dtype else None,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
