@@ -538,7 +538,7 @@ def test_cli_serves_smollm2_readme_curl_examples_work_and_sigterm_exits_0():
             assert out.returncode == 0 and out.stdout, out.stderr
             assert '"error"' not in out.stdout, out.stdout
         # SIGTERM while a stream is in flight: the stream still ends cleanly, exit 0.
-        body = {"model": "smollm2", "prompt": "Count:", "max_tokens": 32, "stream": True,
+        body = {"model": "smollm2", "prompt": "Count:", "max_tokens": 16, "stream": True,
                 "ignore_eos": True}
         with httpx.Client(timeout=60) as http, http.stream("POST", url + C, json=body) as r:
             lines = r.iter_lines()
