@@ -548,3 +548,26 @@ def test_cli_serves_smollm2_readme_curl_examples_work_and_sigterm_exits_0():
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
         assert proc.wait(timeout=60) == 0
+
+
+# -- the serving benchmark's load generator ---------------------------------------------
+def test_bench_serve_load_generator_measures_concurrency_and_rate_cases(served, tokenizer):
+    from types import SimpleNamespace
+
+    from llm_engine.bench import serve as bench
+
+    server = SimpleNamespace(url=served[0].url, model=MODEL, name="ours")
+    prompts = bench._prompts(4, 6, seed=0)
+    for concurrency, rate in ((2, None), (None, 50.0)):
+        results, wall = asyncio.run(bench._run_case(server, prompts, 5, True, concurrency, rate,
+                                                    seed=0))
+        assert len(results) == 4 and all(r.ok for r in results), [r.error for r in results]
+        row = bench._row("ours", "case", {"concurrency": 2}, results, wall, tokenizer)
+        assert row.value > 0 and row.params["failed"] == 0
+        assert row.params["output_tokens"] == sum(len(tokenizer.encode(r.text)) for r in results)
+        assert 0 < row.params["ttft_p50_ms"] <= row.params["ttft_p99_ms"]
+        assert row.params["itl_p50_ms"] > 0 and "TTFT p50/p90/p99" in row.note
+    bad = SimpleNamespace(url=served[0].url, model="nope", name="ours")
+    results, wall = asyncio.run(bench._run_case(bad, prompts[:1], 5, True, 1, None, seed=0))
+    row = bench._row("ours", "case", {}, results, wall, tokenizer)
+    assert row.value is None and "HTTP 404" in row.note
