@@ -6,6 +6,12 @@ engines: only torch and triton. Choosing between a kernel and its reference is
 (on CPU tensors only under ``TRITON_INTERPRET=1``).
 """
 
+from . import _interpreter_compat
+from ._utils import interpreting
+
+if interpreting():
+    _interpreter_compat.install()
+
 from .attention import (
     attention_reference,
     attention_varlen_reference,

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from testing_utils import require_default_model
 
 from llm_engine import LLM, SamplingParams
 from llm_engine.config import ModelConfig
@@ -27,6 +28,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
+    require_default_model()
     return load_model("smollm2")[1]
 
 
