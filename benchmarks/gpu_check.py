@@ -103,8 +103,9 @@ class Check:
         self.log = open(out / "run.log", "a", buffering=1)  # noqa: SIM115 (held for the run)
         self.stages = [Stage(name, budget) for name, budget in BUDGETS.items()]
         self.env = dict(os.environ)
+        inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
         self.env["PYTHONPATH"] = os.pathsep.join(
-            [str(LIB), *filter(None, [os.environ.get("PYTHONPATH")])])
+            [str(LIB), *(str(Path(p).resolve()) for p in inherited if p)])
         self.env["PYTHONUNBUFFERED"] = "1"
         self.env["LLM_ENGINE_AUTOTUNE"] = "quick"
         if rehearse:
