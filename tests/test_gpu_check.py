@@ -21,6 +21,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 def _gpu_check():
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -28,7 +29,7 @@ def _gpu_check():
 def test_stage_budgets_fit_in_eight_minutes():
     check = _gpu_check()
     assert check.TOTAL_S <= 8 * 60
-    assert sum(check.BUDGETS.values()) <= check.TOTAL_S
+    assert sum(check.BUDGETS.values()) + check.KILL_GRACE_S <= check.TOTAL_S
     assert check.BUDGETS["bench"] == check.BENCH_OVERHEAD_S + sum(check.BENCH_SUITES.values())
     assert list(check.BENCH_SUITES)[-1] == "attention"  # the slowest to compile runs last
 

