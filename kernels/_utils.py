@@ -8,7 +8,8 @@ the expected form instead of a crash inside Triton.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 
@@ -71,3 +72,24 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
             f"{name} must be contiguous in its last dimension, got shape {tuple(t.shape)} "
             f"with strides {t.stride()}"
         )
+
+
+T = TypeVar("T")
+
+AUTOTUNE_ENV = "LLM_ENGINE_AUTOTUNE"
+"""Environment variable: ``quick`` makes every autotuned kernel try only one or two
+configurations per key (those ``compile_table`` shows fast to compile and free of
+spills), so a cold start compiles a few kernels instead of hundreds."""
+
+
+def quick_autotune() -> bool:
+    """True under ``LLM_ENGINE_AUTOTUNE=quick`` (read at each launch that tunes)."""
+    return os.environ.get(AUTOTUNE_ENV, "").strip().lower() == "quick"
+
+
+def tuning_choices(configs: list[T], quick: Callable[[T], bool]) -> list[T]:
+    """The configurations an autotuner tries: all of ``configs``, or under quick mode
+    those ``quick`` accepts (the first one if it accepts none). Order is kept."""
+    if not quick_autotune():
+        return configs
+    return [c for c in configs if quick(c)] or configs[:1]
