@@ -42,8 +42,9 @@ attention, cross_entropy, layer_norm, paged_attention, sampling = (
     importlib.import_module(f"{__package__}.{name}")
     for name in ("attention", "cross_entropy", "layer_norm", "paged_attention", "sampling"))
 
-SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
-"""Shared memory a block may use, per architecture (bytes)."""
+SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+              100: 227 * 1024, 120: 99 * 1024}
+"""Shared memory a block may use (opt-in maximum), per architecture (bytes)."""
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -290,12 +291,12 @@ _SAMPLING_VARIANTS = {
 
 
 def _sampling(s: Shape, dt: str) -> Iterator[Entry]:
-    rows, block, cap, pivots, options = sampling._launch_config(DECODE_SEQS, s.vocab,
-                                                                torch.device("cuda"))
     f32, i32, i64 = _t(torch.float32), _t(torch.int32), _t(torch.int64)
-    args = (_t(DTYPES[dt]), s.vocab, DECODE_SEQS, s.vocab, f32, i32, f32, f32, i64, i64,
-            i64, f32, i32, f32, triton.cdiv(s.vocab, block), i32, i32)
     for variant, flags in _SAMPLING_VARIANTS.items():
+        rows, block, cap, pivots, options = sampling._launch_config(
+            DECODE_SEQS, s.vocab, torch.device("cuda"), flags["HAS_TOP_K"] or flags["HAS_TOP_P"])
+        args = (_t(DTYPES[dt]), s.vocab, DECODE_SEQS, s.vocab, f32, i32, f32, f32, i64, i64,
+                i64, f32, i32, f32, triton.cdiv(s.vocab, block), i32, i32)
         kw = dict(**flags, SEED_PER_ROW=True, ROWS=rows, BLOCK=block, PIVOTS=pivots, CAP=cap,
                   MAX_PASSES=sampling._MAX_PASSES, **options)
         yield Entry(f"sampling.{variant}", s.name, dt, _describe(kw, ("BLOCK", "CAP")), True,
@@ -407,6 +408,7 @@ SAMPLE: tuple[tuple[str, str, str, int], ...] = (
     ("paged.decode_split", "llama3-8b", "bf16", 90),
     ("sampling.top_k+top_p", "smollm2-135m", "bf16", 90),
     ("sampling.top_k+top_p", "smollm2-135m", "fp32", 90),
+    ("sampling.temperature", "gpt2-124m", "bf16", 90),
     ("sampling.all+logprobs", "llama3-8b", "bf16", 90),
     ("layer_norm.fwd_residual", "smollm2-135m", "bf16", 90),
     ("layer_norm.bwd", "gpt2-124m", "bf16", 90),

@@ -550,9 +550,10 @@ def _validate(logits: torch.Tensor, temperature: object, top_k: object, top_p: o
 # --------------------------------------------------------------------------------------
 
 
-def _launch_config(batch: int, vocab: int, device: torch.device
+def _launch_config(batch: int, vocab: int, device: torch.device, search: bool
                    ) -> tuple[int, int, int, int, dict[str, int]]:
-    """(rows per program, block, candidate capacity, pivots per pass, launch options).
+    """(rows per program, block, candidate capacity, pivots per pass, launch options);
+    ``search``: the launch filters by top-k or top-p (the pivot search runs).
 
     Block and capacity depend only on the vocabulary size and the device kind,
     never on the batch, so a row's token does not depend on its neighbours.
@@ -566,9 +567,10 @@ def _launch_config(batch: int, vocab: int, device: torch.device
         rows = min(triton.next_power_of_2(batch), max(1, 65536 // block))
         return rows, block, 2 * block, 16, {"num_warps": 1}
     block = min(triton.next_power_of_2(vocab), 1024)
-    # 16 warps: the pivot search holds a (BLOCK, PIVOTS) tile, which at 8 warps needs
-    # more than 128 registers a thread and spilled under a 128-register cap.
-    return 1, block, 4 * block, 16, {"num_warps": 16}
+    # The pivot search holds a (BLOCK, PIVOTS) tile: over 8 warps it needs more than 128
+    # registers a thread and spilled under a 128-register cap, so it takes 16 warps.
+    # Without it, 16 warps spilled a few bytes under Triton 3.6 and 8 do not.
+    return 1, block, 4 * block, 16, {"num_warps": 16 if search else 8}
 
 
 def sample(
@@ -608,7 +610,8 @@ def sample(
     check_triton_device("logits", logits)
     check_last_dim_contiguous("logits", logits)
     batch, vocab = logits.shape
-    rows, block, cap, pivots, options = _launch_config(batch, vocab, logits.device)
+    rows, block, cap, pivots, options = _launch_config(
+        batch, vocab, logits.device, params.has_top_k or params.has_top_p)
     tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(batch if return_logprobs else 1, dtype=torch.float32,
                            device=logits.device)
