@@ -20,8 +20,6 @@ gradients are identical from run to run.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -32,6 +30,7 @@ from ._utils import (
     check_tensor,
     check_triton_device,
     interpreting,
+    sm_count,
     tuning_choices,
 )
 
@@ -354,15 +353,10 @@ def _rows_per_tile(block_n: int) -> int:
     return max(1, min(_MAX_ROWS, _TILE_ELEMENTS // block_n))
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _num_bwd_programs(device: torch.device, tile: int) -> int:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return max(1, min(8, _BWD_ELEMENTS_PER_SM // tile)) * _sm_count(index)
+        return max(1, min(8, _BWD_ELEMENTS_PER_SM // tile)) * sm_count(index)
     return _INTERPRETER_BWD_PROGRAMS
 
 
