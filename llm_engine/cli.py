@@ -8,15 +8,13 @@ import time
 
 import torch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+from llm_engine.engine.config import add_engine_args, engine_config_from_args
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model`` and the engine's options; these commands run one sequence at a time."""
     p.add_argument("--model", default="smollm2", help="model name, .gguf file or checkpoint dir")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    add_engine_args(p, max_num_seqs=1)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -55,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     from llm_engine import LLM
 
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    return LLM(model=args.model, device=args.device, dtype=dtype)
+    return LLM(model=args.model, config=engine_config_from_args(args))
 
 
 def _params(args: argparse.Namespace):
@@ -75,20 +72,28 @@ def _backend_line(llm) -> str:
            f"kernels: {ops.backend_for(probe)}"
 
 
+def _speed_line(out, load_s: float) -> str:
+    """Load time, time to first token (prompt included) and decode speed, apart."""
+    m = out.metrics
+    n = len(out.outputs[0].token_ids)
+    decode = f"decode {1 / m.tpot:.1f} tokens/s" if m.tpot else "decode: under 2 tokens"
+    return (f"{n} tokens; load {load_s:.2f} s, first token {m.ttft:.2f} s "
+            f"({m.num_prompt_tokens}-token prompt), {decode}")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    llm = _load(args)
-    params = _params(args)
     start = time.perf_counter()
+    llm = _load(args)
+    load_s = time.perf_counter() - start
+    params = _params(args)
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
     else:
         out = llm.generate([args.prompt], params, use_tqdm=False)[0]
-    elapsed = time.perf_counter() - start
     completion = out.outputs[0]
     print(completion.text)
-    n = len(completion.token_ids)
-    print(f"\n[{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s; "
-          f"finish: {completion.finish_reason}; {_backend_line(llm)}]", file=sys.stderr)
+    print(f"\n[{_speed_line(out, load_s)}; finish: {completion.finish_reason}; "
+          f"{_backend_line(llm)}]", file=sys.stderr)
     return 0
 
 
