@@ -227,7 +227,7 @@ def paged_attention_reference(
     valid = pos[None, :] < lens[:, None]  # (num_seqs, max_len)
     slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size
     slots = slots.masked_fill(~valid, 0).view(-1)  # padding entries may be garbage
-    # One index_select over the flat slots: several times faster than 2-D indexing on CPU.
+    # One index_select over the flat slots: a single gather instead of 2-D advanced indexing.
     k, v = (cache.flatten(0, 1).index_select(0, slots).view(num_seqs, max_len, kv_heads, head_dim)
             .float().transpose(1, 2) for cache in (k_cache, v_cache))  # (seqs, kv_heads, len, d)
     out = F.scaled_dot_product_attention(  # the mask only when lengths differ
