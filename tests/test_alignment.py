@@ -338,3 +338,33 @@ def test_engine_sees_each_optimizer_update_without_a_reload(tmp_path, tokenizer,
         logp, mask = sequence_logprobs(trainer.model, batch.inputs, batch.targets)
     engine_lp = [lp[t] for t, lp in zip(after.token_ids, after.logprobs, strict=True)]
     assert torch.allclose(logp[mask], torch.tensor(engine_lp), atol=1e-4)
+
+
+def _rollout_and_recompute(trainer):
+    """One rollout batch: the engine's sampling log-probs and the trainer's recomputation
+    (the log-probs the GRPO loss uses), over the response tokens."""
+    from llm_engine.training import batch_invariant
+    from llm_engine.training.losses import sequence_logprobs
+
+    indices = trainer.train_data.num_choices and [0, 1]
+    p_ids, r_ids, r_lps, _ = trainer.rollout(indices)
+    batch = pref.build_sequences(p_ids, r_ids, 0)
+    with batch_invariant.enabled(trainer.cfg.bitwise_logprobs):
+        logp, mask = sequence_logprobs(trainer.model, batch.inputs, batch.targets)
+    engine = torch.tensor([lp for lps in r_lps for lp in lps], dtype=torch.float32)
+    return logp.detach()[mask], engine
+
+
+@pytest.mark.parametrize("bitwise", [False, True])
+def test_engine_and_trainer_logprobs_agree_bitwise_or_within_bound(tmp_path, tokenizer, demo,
+                                                                     bitwise):
+    cfg = _cfg(tmp_path, "grpo", prompts=str(demo["prompts_train"]), max_new_tokens=10,
+               bitwise_logprobs=bitwise)
+    trainer = _build("grpo", cfg, tokenizer, demo)
+    trainer.train_step()  # the weights have moved: the engine runs the updated ones
+    trainer_lp, engine_lp = _rollout_and_recompute(trainer)
+    assert trainer_lp.numel() == engine_lp.numel() > 10
+    if bitwise:
+        assert torch.equal(trainer_lp.view(torch.int32), engine_lp.view(torch.int32))
+    else:
+        assert (trainer_lp - engine_lp).abs().max() < 1e-4

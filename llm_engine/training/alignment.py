@@ -49,6 +49,9 @@ class AlignConfig(TrainConfig):
       runs without autograd, so a step costs little more than a forward pass (what lets
       the CPU presets run in minutes).
     - ``plots``: redraw ``metrics.png`` at every evaluation.
+    - ``bitwise_logprobs``: GRPO rollouts and the trainer's recomputation run through the
+      batch-invariant ops (:mod:`llm_engine.training.batch_invariant`), so the engine's
+      sampling log-probs equal the trainer's bit for bit (slower).
     """
 
     method: str = "rm"
@@ -66,6 +69,7 @@ class AlignConfig(TrainConfig):
     train_layers: int | None = None
     eval_max_tokens: int = 48
     plots: bool = True
+    bitwise_logprobs: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

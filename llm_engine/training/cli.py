@@ -95,6 +95,9 @@ def add_alignment_arguments(p: argparse.ArgumentParser) -> None:
                    help="GRPO: optimizer updates on each batch of samples")
     g.add_argument("--max-len", type=int, help="RM/DPO: most tokens of prompt + answer")
     g.add_argument("--val-fraction", type=float, help="fraction of prompts held out")
+    g.add_argument("--bitwise-logprobs", action="store_true", default=None,
+                   help="GRPO: rollouts and recomputation through batch-invariant ops, so the "
+                        "engine's log-probs equal the trainer's bit for bit (slower)")
     g.add_argument("--train-layers", type=int,
                    help="train only the last N transformer blocks and the final norm "
                         "(and the reward head)")
@@ -123,7 +126,7 @@ def config_from_args(args: argparse.Namespace):
 
         for name in ("method", "prompts", "val_prompts", "reward", "beta", "ipo", "group_size",
                      "max_new_tokens", "clip_eps", "kl_coef", "updates_per_rollout", "max_len",
-                     "val_fraction", "train_layers"):
+                     "val_fraction", "train_layers", "bitwise_logprobs"):
             overrides[name] = getattr(args, name, None)
         return AlignConfig.from_preset(preset, **overrides)
     return TrainConfig.from_preset(preset, **overrides)

@@ -15,7 +15,9 @@ samples (only the first is on-policy; the clipping bounds the later ones).
 Every step logs ``reward_mean``, ``reward_std``, ``kl``, ``response_len``, ``clip_frac``,
 and ``logprob_mismatch`` (mean and max absolute difference between the engine's sampling
 log-probs and the trainer's recomputed ones, before the update) with the time spent in
-rollout, scoring and update. Sampling seeds come from ``(seed, step, prompt)``, so a
+rollout, scoring and update. With ``bitwise_logprobs`` the rollout and the recomputation
+run through :mod:`llm_engine.training.batch_invariant` and the mismatch is exactly 0.
+Sampling seeds come from ``(seed, step, prompt)``, so a
 resumed run draws the same answers.
 """
 
@@ -31,6 +33,7 @@ import torch
 
 from llm_engine.model import Transformer
 from llm_engine.tokenizer import Tokenizer
+from llm_engine.training import batch_invariant
 from llm_engine.training import data as data_lib
 from llm_engine.training import preferences as pref
 from llm_engine.training.alignment import (
@@ -94,7 +97,8 @@ class GRPOTrainer(AlignTrainer):
         params = [SamplingParams(n=cfg.group_size, temperature=1.0, max_tokens=cfg.max_new_tokens,
                                  seed=rollout_seed(cfg.seed, self.step, j), logprobs=0)
                   for j in range(len(prompts))]
-        outputs = self.engine().generate(prompts, params, use_tqdm=False)
+        with batch_invariant.enabled(cfg.bitwise_logprobs):
+            outputs = self.engine().generate(prompts, params, use_tqdm=False)
         self.model.train()
         p_ids, r_ids, r_lps, texts = [], [], [], []
         for ids, out in zip(prompts, outputs, strict=True):
@@ -136,25 +140,27 @@ class GRPOTrainer(AlignTrainer):
         kl_sum, clip_sum, loss_sum = 0.0, 0.0, 0.0
         grad_norm = 0.0
         lr = self.optimizer.param_groups[0]["lr"]
-        for update in range(cfg.updates_per_rollout):
-            for batch, old, ref, adv in groups:
-                inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
-                logp, mask = sequence_logprobs(self.model, inputs, targets)
-                loss, stats = grpo_loss(logp, old, ref, adv, mask, cfg.clip_eps, cfg.kl_coef)
-                (loss / len(groups)).backward()
-                if update == 0:
-                    diff = (logp.detach() - old).abs()[mask]
-                    mismatch_sum += diff.sum().item()
-                    mismatch_max = max(mismatch_max, diff.max().item() if diff.numel() else 0.0)
-                    count = int(mask.sum())
-                    n_tokens += count
-                    kl_sum += stats["kl"].item() * count
-                    clip_sum += stats["clip_frac"].item() * count
-                    loss_sum += loss.item() / len(groups)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        # The backward pass recomputes the chunked log-probs: it runs under the same ops.
+        with batch_invariant.enabled(cfg.bitwise_logprobs):
+            for update in range(cfg.updates_per_rollout):
+                for batch, old, ref, adv in groups:
+                    inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
+                    logp, mask = sequence_logprobs(self.model, inputs, targets)
+                    loss, stats = grpo_loss(logp, old, ref, adv, mask, cfg.clip_eps, cfg.kl_coef)
+                    (loss / len(groups)).backward()
+                    if update == 0:
+                        diff = (logp.detach() - old).abs()[mask]
+                        mismatch_sum += diff.sum().item()
+                        mismatch_max = max(mismatch_max, diff.max().item() if diff.numel() else 0.0)
+                        count = int(mask.sum())
+                        n_tokens += count
+                        kl_sum += stats["kl"].item() * count
+                        clip_sum += stats["clip_frac"].item() * count
+                        loss_sum += loss.item() / len(groups)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         t3 = time.perf_counter()
