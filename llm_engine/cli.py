@@ -1,4 +1,4 @@
-"""The ``llm-engine`` command: generate, chat, train, bench, profile-kernel."""
+"""The ``llm-engine`` command: generate, chat, train, bench, profile-kernel, backends."""
 
 from __future__ import annotations
 
@@ -6,17 +6,15 @@ import argparse
 import sys
 import time
 
-import torch
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+from llm_engine.backends import add_backend_arg, apply_backend_args
+from llm_engine.engine.config import DTYPES, add_engine_args, engine_config_from_args
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model`` and the engine's options; these commands run one sequence at a time."""
     p.add_argument("--model", default="smollm2", help="model name, .gguf file or checkpoint dir")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    add_engine_args(p, max_num_seqs=1)
+    add_backend_arg(p)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -44,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat, max_tokens=512)
 
+    backends = sub.add_parser("backends", help="list every op's implementations: which are "
+                              "eligible on this machine and which runs")
+    backends.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    backends.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                          help="default: bfloat16 on CUDA, float32 on CPU")
+    add_backend_arg(backends)
+
     from llm_engine.bench.cli import add_bench_parsers
     from llm_engine.training.cli import add_train_parser
 
@@ -55,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     from llm_engine import LLM
 
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    return LLM(model=args.model, device=args.device, dtype=dtype)
+    apply_backend_args(args.backend)
+    return LLM(model=args.model, config=engine_config_from_args(args))
 
 
 def _params(args: argparse.Namespace):
@@ -69,26 +74,36 @@ def _params(args: argparse.Namespace):
 def _backend_line(llm) -> str:
     from llm_engine import ops
 
-    device = llm.device
-    probe = torch.empty(0, device=device)
-    return f"device {device}, dtype {str(llm.dtype).removeprefix('torch.')}, " \
-           f"kernels: {ops.backend_for(probe)}"
+    settings = ops.registry().settings()
+    forced = [f"{k}={v}" for k, v in settings.forced.items()]
+    if settings.shorthand:
+        forced.insert(0, f"all={settings.shorthand}")
+    return f"device {llm.device}, dtype {str(llm.dtype).removeprefix('torch.')}, " \
+           f"ops: {', '.join(forced) if forced else 'default choice'}"
+
+
+def _speed_line(out, load_s: float) -> str:
+    """Load time, time to first token (prompt included) and decode speed, apart."""
+    m = out.metrics
+    n = len(out.outputs[0].token_ids)
+    decode = f"decode {1 / m.tpot:.1f} tokens/s" if m.tpot else "decode: under 2 tokens"
+    return (f"{n} tokens; load {load_s:.2f} s, first token {m.ttft:.2f} s "
+            f"({m.num_prompt_tokens}-token prompt), {decode}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    llm = _load(args)
-    params = _params(args)
     start = time.perf_counter()
+    llm = _load(args)
+    load_s = time.perf_counter() - start
+    params = _params(args)
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
     else:
         out = llm.generate([args.prompt], params, use_tqdm=False)[0]
-    elapsed = time.perf_counter() - start
     completion = out.outputs[0]
     print(completion.text)
-    n = len(completion.token_ids)
-    print(f"\n[{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s; "
-          f"finish: {completion.finish_reason}; {_backend_line(llm)}]", file=sys.stderr)
+    print(f"\n[{_speed_line(out, load_s)}; finish: {completion.finish_reason}; "
+          f"{_backend_line(llm)}]", file=sys.stderr)
     return 0
 
 
@@ -134,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "chat":
             return cmd_chat(args)
+        if args.command == "backends":
+            from llm_engine.backends import backends_table
+
+            apply_backend_args(args.backend)
+            print(backends_table(args.device, DTYPES[args.dtype] if args.dtype else None))
+            return 0
         if args.command == "train":
             from llm_engine.training.cli import handle
         else:
