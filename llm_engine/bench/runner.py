@@ -39,6 +39,7 @@ SUITES: dict[str, str] = {
     "kv_manager": "llm_engine.bench.kv_manager",
     "generate": "llm_engine.bench.generate",
     "train": "llm_engine.bench.train",
+    "alignment": "llm_engine.bench.alignment",
 }
 """Suite name → module path."""
 
@@ -47,6 +48,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                 "cpu_layer_ops", "kv_manager"),
     "generate": ("generate",),
     "train": ("train",),
+    "alignment": ("alignment",),
 }
 """Group name → suites; ``"all"`` means every suite in ``SUITES``."""
 

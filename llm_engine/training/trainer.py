@@ -394,6 +394,10 @@ class Trainer:
         plt.close(fig)
         return path
 
+    def describe_eval(self, record: dict[str, Any]) -> str:
+        """One line for the progress bar about an evaluation record."""
+        return f"step {record['step']}: val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})"
+
     def _eval_and_log(self) -> dict[str, Any]:
         record: dict[str, Any] = self.evaluate()
         if self.dist.is_main:
@@ -438,8 +442,7 @@ class Trainer:
                 last = self.step == cfg.steps
                 if (cfg.eval_every > 0 and self.step % cfg.eval_every == 0) or last:
                     evals.append(self._eval_and_log())
-                    bar.write(f"step {self.step}: val loss {evals[-1]['val_loss']:.4f} "
-                              f"(ppl {evals[-1]['val_ppl']:.1f})")
+                    bar.write(self.describe_eval(evals[-1]))
                 if self.dist.is_main and ((cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0)
                                           or last or self._stop_requested):
                     path = self.save()
