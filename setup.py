@@ -5,12 +5,24 @@ top-level package named ``kernels``.
 """
 
 import glob
+import importlib.util
 import os
 import tempfile
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.errors import CompileError, LinkError
+
+try:
+    from pybind11.setup_helpers import Pybind11Extension, build_ext
+except ImportError:  # no pybind11 package (a bare GPU image): torch ships pybind11's headers
+    from setuptools.command.build_ext import build_ext
+
+    def Pybind11Extension(name: str, sources: list[str], *, cxx_std: int, **kwargs) -> Extension:
+        torch_dir = importlib.util.find_spec("torch").submodule_search_locations[0]
+        kwargs["include_dirs"] = [*kwargs.get("include_dirs", []), os.path.join(torch_dir, "include")]
+        kwargs["extra_compile_args"] = [f"-std=c++{cxx_std}", "-fvisibility=hidden",
+                                        *kwargs.get("extra_compile_args", [])]
+        return Extension(name, sources, language="c++", **kwargs)
 
 extra_compile_args = ["-O3", "-Wall", "-Wextra"]
 extra_link_args: list[str] = []

@@ -12,8 +12,11 @@ without ``_reference`` always run Triton (on CPU tensors only under
 ``TRITON_INTERPRET=1``).
 """
 
-from . import attention, cross_entropy, layer_norm, paged_attention, sampling
+from . import _interpreter_compat, attention, cross_entropy, layer_norm, paged_attention, sampling
 from ._utils import interpreting, resolve_softmax_scale
+
+if interpreting():
+    _interpreter_compat.install()
 
 __all__ = [
     "attention",

@@ -16,9 +16,12 @@ copy-on-write copies are applied before each step. After every step it checks
 and at teardown that freeing every sequence makes every block free again.
 """
 
-import hypothesis.strategies as st
 import pytest
-from hypothesis import HealthCheck, settings
+
+pytest.importorskip("hypothesis", reason="the property tests need the hypothesis package")
+
+import hypothesis.strategies as st  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from llm_engine._C import BlockManager, OutOfBlocksError
 

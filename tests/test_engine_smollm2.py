@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from testing_utils import require_default_model
 
 from llm_engine import LLM, SamplingParams
 from llm_engine.model import AttentionMetadata
@@ -33,7 +34,9 @@ def varied_prompts(n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM("smollm2", device="cpu", dtype=torch.float32, max_num_seqs=64)
+    require_default_model()
+    return LLM("smollm2", device="cpu", dtype=torch.float32, max_num_seqs=64,
+               kv_cache_memory=1 << 30)
 
 
 def test_batched_greedy_equals_each_prompt_alone(llm):
@@ -80,6 +83,7 @@ def test_chat_answers_and_stops_at_eos(llm):
 
 @pytest.mark.gpu
 def test_cuda_graph_decode_matches_eager_decode():
+    require_default_model()
     params = SamplingParams(temperature=0, max_tokens=24)
     prompts = varied_prompts(20)
     graphs = LLM("smollm2", device="cuda", dtype=torch.bfloat16, max_num_seqs=32,

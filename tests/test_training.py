@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from testing_utils import interpreter_or_cuda
+from testing_utils import interpreter_or_cuda, require_default_model
 
 from llm_engine import ops
 from llm_engine.config import ModelConfig
@@ -423,6 +423,7 @@ CHATS = [
 def test_sft_on_smollm2_lowers_the_loss_of_its_chat_examples(tmp_path):
     from llm_engine.loader import load_model
 
+    require_default_model()
     model, tokenizer = load_model("smollm2", device="cpu", dtype=torch.float32)
     examples = data_lib.build_sft_examples(CHATS, tokenizer, seq_len=64)
     assert (examples.targets != data_lib.IGNORE_INDEX).sum() < (examples.inputs != 0).sum() / 2

@@ -111,11 +111,13 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any] | None = None,
     keep_last: int = 2,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` under ``out_dir/checkpoints`` atomically; return its path.
 
-    ``state`` is extra JSON-able trainer state (config, data position). Only the
-    ``keep_last`` newest checkpoints are kept.
+    ``state`` is extra JSON-able trainer state (config, data position). ``extra_tensors``
+    maps file names (``"reward_head.safetensors"``) to tensors written beside the model
+    in the same atomic step. Only the ``keep_last`` newest checkpoints are kept.
     """
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -130,6 +132,8 @@ def save_checkpoint(
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         rng_tensors, rng_meta = _rng_state()
         save_file(rng_tensors, tmp / "rng.safetensors")
+        for name, tensors in (extra_tensors or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / name)
         trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_meta,
                          **(state or {})}
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))

@@ -28,7 +28,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     presets = ", ".join(f"{name} ({preset.description})" for name, preset in PRESETS.items())
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help=f"{presets}; default tiny")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help=f"{presets}; default tiny, or smollm2-METHOD with --method")
     p.add_argument("--data", help="'stdlib', a text file or folder, or a .jsonl of "
                                   "{\"messages\": [...]} for fine-tuning")
     p.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
@@ -68,6 +69,38 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="no progress bars")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from the latest checkpoint in --out")
+    add_alignment_arguments(p)
+
+
+def add_alignment_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the preference methods (``--method rm|dpo|grpo``)."""
+    g = p.add_argument_group("preference training (--method rm | dpo | grpo)")
+    g.add_argument("--method", choices=("rm", "dpo", "grpo"),
+                   help="reward model (Bradley-Terry), DPO, or GRPO with engine rollouts; "
+                        "--data is then preference JSONL ({prompt|messages, chosen, "
+                        "rejected} or {prompt|messages, responses, ranking}) or 'demo'")
+    g.add_argument("--prompts", help="GRPO: JSONL of {\"prompt\"} or {\"messages\"}, or 'demo'")
+    g.add_argument("--val-prompts", help="held-out prompts whose greedy answers are scored "
+                                          "by --reward at each evaluation, or 'demo'")
+    g.add_argument("--reward", help="rm:CHECKPOINT_DIR (a trained reward model) or "
+                                    "python:module:function (function(prompts, responses) "
+                                    "-> list of floats)")
+    g.add_argument("--beta", type=float, help="DPO/IPO temperature")
+    g.add_argument("--ipo", action="store_true", default=None, help="the IPO loss instead of DPO")
+    g.add_argument("--group-size", type=int, help="GRPO answers sampled per prompt")
+    g.add_argument("--max-new-tokens", type=int, help="GRPO: longest sampled answer")
+    g.add_argument("--clip-eps", type=float, help="GRPO: PPO ratio clipping")
+    g.add_argument("--kl-coef", type=float, help="GRPO: weight of the KL penalty to the reference")
+    g.add_argument("--updates-per-rollout", type=int,
+                   help="GRPO: optimizer updates on each batch of samples")
+    g.add_argument("--max-len", type=int, help="RM/DPO: most tokens of prompt + answer")
+    g.add_argument("--val-fraction", type=float, help="fraction of prompts held out")
+    g.add_argument("--bitwise-logprobs", action="store_true", default=None,
+                   help="GRPO: rollouts and recomputation through batch-invariant ops, so the "
+                        "engine's log-probs equal the trainer's bit for bit (slower)")
+    g.add_argument("--train-layers", type=int,
+                   help="train only the last N transformer blocks and the final norm "
+                        "(and the reward head)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -83,10 +116,20 @@ def config_from_args(args: argparse.Namespace):
                      "gradient_checkpointing", "fused_loss", "autocast", "num_samples",
                      "progress", "resume")
     }
-    overrides["out_dir"] = args.out or f"runs/{args.preset}"
+    method = getattr(args, "method", None)
+    preset = args.preset or (f"smollm2-{method}" if method else "tiny")
+    overrides["out_dir"] = args.out or f"runs/{preset}"
     if args.model_config is not None:
         overrides["model_overrides"] = args.model_config
-    return TrainConfig.from_preset(args.preset, **overrides)
+    if method or PRESETS[preset].method:
+        from llm_engine.training.alignment import AlignConfig
+
+        for name in ("method", "prompts", "val_prompts", "reward", "beta", "ipo", "group_size",
+                     "max_new_tokens", "clip_eps", "kl_coef", "updates_per_rollout", "max_len",
+                     "val_fraction", "train_layers", "bitwise_logprobs"):
+            overrides[name] = getattr(args, name, None)
+        return AlignConfig.from_preset(preset, **overrides)
+    return TrainConfig.from_preset(preset, **overrides)
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -95,7 +138,10 @@ def handle(args: argparse.Namespace) -> int:
     from llm_engine.training.trainer import train
 
     try:
-        summary = train(config_from_args(args))
+        cfg = config_from_args(args)
+        if getattr(cfg, "method", None):
+            return _handle_alignment(cfg)
+        summary = train(cfg)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -107,6 +153,21 @@ def handle(args: argparse.Namespace) -> int:
           f"val loss {first['val_loss']:.4f} (step {first['step']}) -> {last['val_loss']:.4f} "
           f"(step {last['step']}), perplexity {last['val_ppl']:.2f}; output in "
           f"{summary['out_dir']}")
+    for text in last.get("samples", []):
+        print("---\n" + text)
+    return 0
+
+
+def _handle_alignment(cfg) -> int:
+    from llm_engine.training.align import align
+
+    summary = align(cfg)
+    first, last = summary["first_eval"], summary["last_eval"]
+    keys = [k for k, v in last.items() if isinstance(v, float)]
+    print(f"{cfg.method}: step {first['step']} -> {last['step']}; output in {summary['out_dir']}")
+    for k in keys:
+        before = first.get(k)
+        print(f"  {k}: {before if before is None else f'{before:.4f}'} -> {last[k]:.4f}")
     for text in last.get("samples", []):
         print("---\n" + text)
     return 0

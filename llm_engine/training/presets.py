@@ -5,6 +5,9 @@
 - ``gpt2-124m``: GPT-2 small (12 layers, 768 wide, learned positions, tied embeddings)
   with the default model's 49152-token tokenizer; a GPU preset.
 - ``smollm2-sft``: supervised fine-tuning of SmolLM2-135M-Instruct on chat JSONL.
+- ``smollm2-rm``, ``smollm2-dpo``, ``smollm2-grpo``: preference training of SmolLM2-135M
+  (reward model, DPO, GRPO with engine rollouts) sized for a 2-core CPU in minutes, on
+  the demo preference set (:mod:`llm_engine.training.demo_data`) unless told otherwise.
 
 Every default can be overridden from the command line or ``TrainConfig``.
 """
@@ -32,6 +35,7 @@ class Preset:
     tokenizer: str
     defaults: dict[str, Any] = field(default_factory=dict)
     chat_data: bool = False
+    method: str | None = None  # rm, dpo, grpo: a preference method (AlignConfig fields)
 
 
 PRESETS: dict[str, Preset] = {
@@ -68,6 +72,44 @@ PRESETS: dict[str, Preset] = {
         defaults=dict(seq_len=512, batch_size=4, steps=200, lr=5e-5, warmup_steps=10,
                       weight_decay=0.0, eval_every=50, ckpt_every=100, eval_examples=32),
         chat_data=True,
+    ),
+    "smollm2-rm": Preset(
+        name="smollm2-rm",
+        description="reward model from SmolLM2-135M-Instruct on preference pairs; CPU minutes",
+        model=None,
+        init_from="smollm2",
+        tokenizer="smollm2",
+        defaults=dict(method="rm", data="demo", max_len=96, batch_size=8, steps=12, lr=1e-4,
+                      warmup_steps=2, weight_decay=0.0, eval_every=0, ckpt_every=0,
+                      eval_examples=24, log_every=1, val_fraction=0.25, train_layers=2),
+        method="rm",
+    ),
+    "smollm2-dpo": Preset(
+        name="smollm2-dpo",
+        description="DPO of SmolLM2-135M-Instruct on preference pairs; CPU minutes",
+        model=None,
+        init_from="smollm2",
+        tokenizer="smollm2",
+        defaults=dict(method="dpo", data="demo", max_len=96, batch_size=4, steps=10, lr=2e-5,
+                      warmup_steps=2, weight_decay=0.0, eval_every=0, ckpt_every=0,
+                      eval_examples=16, log_every=1, val_fraction=0.25, beta=0.1,
+                      val_prompts="demo", train_layers=4, eval_max_tokens=40,
+                      reward="python:llm_engine.training.demo_data:one_sentence_reward"),
+        method="dpo",
+    ),
+    "smollm2-grpo": Preset(
+        name="smollm2-grpo",
+        description="GRPO of SmolLM2-135M-Instruct with engine rollouts; CPU minutes",
+        model=None,
+        init_from="smollm2",
+        tokenizer="smollm2",
+        defaults=dict(method="grpo", prompts="demo", val_prompts="demo", batch_size=2,
+                      group_size=4, max_new_tokens=24, steps=10, lr=2e-5, warmup_steps=1,
+                      weight_decay=0.0, eval_every=0, ckpt_every=0, eval_examples=16,
+                      log_every=1, kl_coef=0.04, clip_eps=0.2, train_layers=4,
+                      eval_max_tokens=40,
+                      reward="python:llm_engine.training.demo_data:one_sentence_reward"),
+        method="grpo",
     ),
 }
 

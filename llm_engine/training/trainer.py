@@ -301,17 +301,12 @@ class Trainer:
             return []
         from llm_engine import LLM, SamplingParams
 
-        block = 16
         longest = max(len(self.tokenizer.encode(p)) for p in prompts) + self.cfg.sample_tokens
-        blocks = len(prompts) * (longest // block + 2)
-        c = self.model.config
-        block_bytes = (2 * c.num_layers * block * c.num_kv_heads * c.head_dim
-                       * next(self.model.parameters()).element_size())  # K and V, all layers
         self.model.eval()
-        try:
+        try:  # a KV cache for these prompts only
             llm = LLM.from_modules(self.model, self.tokenizer, enforce_eager=True,
-                                   block_size=block, max_num_seqs=len(prompts),
-                                   kv_cache_memory=blocks * block_bytes)
+                                   max_num_seqs=len(prompts), max_model_len=min(
+                                       longest, self.model.config.max_position_embeddings))
             params = [SamplingParams(temperature=0.8, max_tokens=self.cfg.sample_tokens, seed=i)
                       for i in range(len(prompts))]
             outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -399,6 +394,10 @@ class Trainer:
         plt.close(fig)
         return path
 
+    def describe_eval(self, record: dict[str, Any]) -> str:
+        """One line for the progress bar about an evaluation record."""
+        return f"step {record['step']}: val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})"
+
     def _eval_and_log(self) -> dict[str, Any]:
         record: dict[str, Any] = self.evaluate()
         if self.dist.is_main:
@@ -443,8 +442,7 @@ class Trainer:
                 last = self.step == cfg.steps
                 if (cfg.eval_every > 0 and self.step % cfg.eval_every == 0) or last:
                     evals.append(self._eval_and_log())
-                    bar.write(f"step {self.step}: val loss {evals[-1]['val_loss']:.4f} "
-                              f"(ppl {evals[-1]['val_ppl']:.1f})")
+                    bar.write(self.describe_eval(evals[-1]))
                 if self.dist.is_main and ((cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0)
                                           or last or self._stop_requested):
                     path = self.save()
