@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 
 from llm_engine.backends import add_backend_arg, apply_backend_args
+from llm_engine.engine.config import add_engine_args, engine_config_from_args
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -26,10 +27,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Serve POST /v1/completions, POST /v1/chat/completions (streaming with "
                     "stream=true), GET /v1/models, GET /health and GET /metrics (Prometheus).")
     p.add_argument("--model", default="smollm2", help="model name, .gguf file or checkpoint dir")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None,
-                   help="weights dtype: float32, bfloat16 or float16 (default: bfloat16 on "
-                        "CUDA, float32 on CPU)")
+    add_engine_args(p)
     add_backend_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: "
                                                        "127.0.0.1, this machine only)")
@@ -43,13 +41,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="requests queued beyond the running ones; more get HTTP 503")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds a shutdown waits for requests in flight before aborting them")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache")
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the requests that bring no seed of their own")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(command="serve")
@@ -58,19 +51,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     """Load the model and serve until SIGINT/SIGTERM; returns 0 after a clean shutdown."""
     from llm_engine import LLM
-    from llm_engine.cli import DTYPES
 
-    if args.dtype is not None and args.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(sorted(DTYPES))}, got {args.dtype!r}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     apply_backend_args(args.backend)
-    llm = LLM(model=args.model, device=args.device,
-              dtype=DTYPES[args.dtype] if args.dtype else None,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-              enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
-              enforce_eager=args.enforce_eager)
+    llm = LLM(model=args.model, config=engine_config_from_args(args), seed=args.seed)
     try:
         serve(llm.engine, host=args.host, port=args.port, api_key=args.api_key,
               served_model_name=args.served_model_name or args.model,
