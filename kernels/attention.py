@@ -669,13 +669,17 @@ def attention_reference(
     v: torch.Tensor,
     causal: bool = True,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch attention in fp32 with the same semantics as :func:`flash_attention`.
 
     ``q: (batch, seqlen_q, heads, head_dim)``, ``k, v: (batch, seqlen_k, kv_heads, head_dim)``;
     scores are materialised, K/V heads repeated for grouped-query attention, rows that
-    see no key give zeros. Returns q's shape and dtype.
+    see no key give zeros. ``window`` (causal only): query ``i`` sees only the keys
+    ``j > i + seqlen_k - seqlen_q - window`` besides the causal bound (a sliding window
+    of ``window`` keys ending at its own position). Returns q's shape and dtype.
     """
+    window = check_window(window, causal)
     heads, kv_heads = q.shape[2], k.shape[2]
     seqlen_q, seqlen_k = q.shape[1], k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
@@ -687,11 +691,24 @@ def attention_reference(
         rows = torch.arange(seqlen_q, device=q.device)[:, None]
         cols = torch.arange(seqlen_k, device=q.device)[None, :]
         visible = cols <= rows + (seqlen_k - seqlen_q)
+        if window is not None:
+            visible &= cols > rows + (seqlen_k - seqlen_q) - window
         scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).masked_fill(~visible, 0.0)
     else:
         probs = torch.softmax(scores, dim=-1)
     return (probs @ vf).transpose(1, 2).to(q.dtype)
+
+
+def check_window(window: object, causal: bool = True) -> int | None:
+    """``window`` as an int, after checking it is None or a positive int with ``causal``."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if not causal:
+        raise ValueError("window (a sliding window) needs causal=True")
+    return int(window)
 
 
 def _uniform_length(bounds: list[int]) -> int | None:
@@ -710,6 +727,7 @@ def attention_varlen_reference(
     max_seqlen_k: int,
     causal: bool = True,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch (fp32) version of :func:`flash_attention_varlen`, one sequence at a time.
 
@@ -724,12 +742,13 @@ def attention_varlen_reference(
     if num_seqs > 1 and len_q and len_k:
         dense = attention_reference(q.reshape(num_seqs, len_q, *q.shape[1:]),
                                     k.reshape(num_seqs, len_k, *k.shape[1:]),
-                                    v.reshape(num_seqs, len_k, *v.shape[1:]), causal, softmax_scale)
+                                    v.reshape(num_seqs, len_k, *v.shape[1:]), causal, softmax_scale,
+                                    window)
         return dense.reshape(q.shape)
     outs = []
     for i in range(len(bounds_q) - 1):
         qs = q[bounds_q[i]:bounds_q[i + 1]].unsqueeze(0)
         ks = k[bounds_k[i]:bounds_k[i + 1]].unsqueeze(0)
         vs = v[bounds_k[i]:bounds_k[i + 1]].unsqueeze(0)
-        outs.append(attention_reference(qs, ks, vs, causal, softmax_scale).squeeze(0))
+        outs.append(attention_reference(qs, ks, vs, causal, softmax_scale, window).squeeze(0))
     return torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)

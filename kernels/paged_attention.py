@@ -164,6 +164,14 @@ def _check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens
     return dims
 
 
+def _check_window(window: object) -> int | None:
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    return int(window)
+
+
 def _scale(softmax_scale: float | None, head_dim: int) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
@@ -217,8 +225,11 @@ def paged_attention_reference(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Decode attention through block tables, in fp32; same contract as ``paged_attention``."""
+    """Decode attention through block tables, in fp32; same contract as ``paged_attention``.
+    ``window``: attend only to the last ``window`` positions of each context."""
+    window = _check_window(window)
     _, block_size, kv_heads, head_dim = _check_decode(
         q, k_cache, v_cache, block_tables, context_lens
     )
@@ -234,13 +245,16 @@ def paged_attention_reference(
         )
     pos = torch.arange(max_len, device=q.device)
     valid = pos[None, :] < lens[:, None]  # (num_seqs, max_len)
+    if window is not None:
+        valid &= pos[None, :] >= lens[:, None] - window
     slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size
     slots = slots.masked_fill(~valid, 0).view(-1)  # padding entries may be garbage
     # One index_select over the flat slots: several times faster than 2-D indexing on CPU.
     k, v = (cache.flatten(0, 1).index_select(0, slots).view(num_seqs, max_len, kv_heads, head_dim)
             .float().transpose(1, 2) for cache in (k_cache, v_cache))  # (seqs, kv_heads, len, d)
     out = F.scaled_dot_product_attention(  # the mask only when lengths differ
-        q.float().unsqueeze(2), k, v, attn_mask=valid[:, None, None, :] if min_len < max_len else None,
+        q.float().unsqueeze(2), k, v, attn_mask=(valid[:, None, None, :]
+                                               if min_len < max_len or window is not None else None),
         scale=scale, enable_gqa=group > 1,
     ).squeeze(2)  # (num_seqs, heads, head_dim)
     if min_len == 0:
@@ -257,9 +271,12 @@ def paged_prefill_attention_reference(
     context_lens: torch.Tensor,
     max_seqlen_q: int,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention of new tokens over cached + new K/V, in fp32; same contract as
-    ``paged_prefill_attention``."""
+    ``paged_prefill_attention``. ``window``: each query sees only the last ``window``
+    positions up to its own."""
+    window = _check_window(window)
     _, block_size, kv_heads, head_dim = _check_prefill(
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q
     )
@@ -290,7 +307,10 @@ def paged_prefill_attention_reference(
         scores = torch.einsum("qkgd,tkd->kgqt", qb, k) * scale
         q_pos = torch.arange(ctx - n_q, ctx, device=q.device)
         k_pos = torch.arange(ctx, device=q.device)
-        scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        hidden = k_pos[None, :] > q_pos[:, None]
+        if window is not None:
+            hidden |= k_pos[None, :] <= q_pos[:, None] - window
+        scores = scores.masked_fill(hidden, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         ob = torch.einsum("kgqt,tkd->qkgd", probs, v)
         out[start:end] = ob.reshape(n_q, heads, head_dim).to(q.dtype)

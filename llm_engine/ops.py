@@ -26,6 +26,7 @@ from llm_engine import _C
 _attention = importlib.import_module("llm_engine.kernels.attention")
 _cross_entropy = importlib.import_module("llm_engine.kernels.cross_entropy")
 _layer_norm = importlib.import_module("llm_engine.kernels.layer_norm")
+_moe = importlib.import_module("llm_engine.kernels.moe")
 _paged = importlib.import_module("llm_engine.kernels.paged_attention")
 _sampling = importlib.import_module("llm_engine.kernels.sampling")
 
@@ -251,8 +252,10 @@ def attention_varlen(
     max_seqlen_k: int,
     causal: bool = True,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention over packed sequences: ``q (total_q, heads, d)``, ``k, v (total_k, kv_heads, d)``.
+    ``window``: a sliding window (query ``i`` sees the ``window`` keys up to its own).
 
     On CPU, when queries and keys cover the same tokens (prefill, training), it runs
     PyTorch's fused ``scaled_dot_product_attention`` per run of equal lengths;
@@ -264,16 +267,20 @@ def attention_varlen(
         fn = _attention_varlen_sdpa
     else:
         fn = _attention.attention_varlen_reference
+    extra = {} if window is None else {"window": window}
     return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-              causal=causal, softmax_scale=softmax_scale)
+              causal=causal, softmax_scale=softmax_scale, **extra)
 
 
 def _attention_varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
-                           softmax_scale: float | None = None) -> torch.Tensor:
+                           softmax_scale: float | None = None,
+                           window: int | None = None) -> torch.Tensor:
     """Self-attention of packed sequences (``cu_seqlens_q == cu_seqlens_k``) through SDPA:
-    one batched call when every sequence has the same length, else one call each."""
+    one batched call when every sequence has the same length, else one call each; a
+    sliding ``window`` as a banded boolean mask."""
+    window = _attention.check_window(window, causal)
     bounds = cu_seqlens_q.tolist()
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != q.shape[0] or k.shape[0] != q.shape[0]:
         raise ValueError(f"cu_seqlens must run from 0 to total tokens {q.shape[0]}, got {bounds}")
@@ -283,9 +290,15 @@ def _attention_varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     def attend(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
         # (batch, len, heads, d) -> SDPA's (batch, heads, len, d) and back
+        mask = None
+        if window is not None:
+            pos = torch.arange(qs.shape[1], device=qs.device)
+            gap = pos[:, None] - pos[None, :]
+            mask = (gap >= 0) & (gap < window)
         out = F.scaled_dot_product_attention(
-            qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), is_causal=causal,
-            scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+            qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=mask,
+            is_causal=causal and mask is None, scale=softmax_scale,
+            enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2)
 
     if q.shape[0] == 0:
@@ -331,8 +344,10 @@ def paged_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Decode attention: one query ``(seqs, heads, d)`` per sequence over its paged cache.
+    """Decode attention: one query ``(seqs, heads, d)`` per sequence over its paged cache
+    (``window``: over the last ``window`` positions of it only).
 
     On CPU in fp32 it runs the C++ kernel ``_C.paged_decode_attention``, which reads
     K/V straight from the cache blocks; otherwise the PyTorch reference.
@@ -343,7 +358,9 @@ def paged_attention(
         fn = _paged_attention_native
     else:
         fn = _paged.paged_attention_reference
-    return fn(q, k_cache, v_cache, block_tables, context_lens, softmax_scale=softmax_scale)
+    extra = {} if window is None else {"window": window}
+    return fn(q, k_cache, v_cache, block_tables, context_lens, softmax_scale=softmax_scale,
+              **extra)
 
 
 def _native_decode_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -356,12 +373,15 @@ def _native_decode_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def _paged_attention_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: torch.Tensor,
-                            softmax_scale: float | None = None) -> torch.Tensor:
+                            softmax_scale: float | None = None,
+                            window: int | None = None) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=q.dtype)
     scale = _paged._scale(softmax_scale, q.shape[-1])  # the checks the reference makes
+    window = _paged._check_window(window)
     _C.paged_decode_attention(out.numpy(), q.contiguous().numpy(), k_cache.numpy(),
                               v_cache.numpy(), block_tables.contiguous().numpy(),
-                              context_lens.contiguous().numpy(), scale, torch.get_num_threads())
+                              context_lens.contiguous().numpy(), scale, torch.get_num_threads(),
+                              window or 0)
     return out
 
 
@@ -374,12 +394,33 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     max_seqlen_q: int,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """New tokens ``(total_q, heads, d)`` attending causally over cached + new K/V."""
+    """New tokens ``(total_q, heads, d)`` attending causally over cached + new K/V
+    (``window``: each over the last ``window`` positions up to its own)."""
     fn = (_paged.paged_prefill_attention if _triton(q)
           else _paged.paged_prefill_attention_reference)
+    extra = {} if window is None else {"window": window}
     return fn(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q,
-              softmax_scale=softmax_scale)
+              softmax_scale=softmax_scale, **extra)
+
+
+def moe_route(router_logits: torch.Tensor, top_k: int, normalize: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``top_k`` experts per token of ``router_logits (T, experts)`` by softmax weight:
+    ``(weights (T, top_k) fp32, experts (T, top_k) int64)``; ``normalize`` rescales each
+    token's weights to sum to 1. See ``kernels.moe.route_topk``."""
+    return _moe.route_topk(router_logits, top_k, normalize)
+
+
+def moe(x: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+        experts: torch.Tensor) -> torch.Tensor:
+    """Mixture of SwiGLU experts: ``x (T, hidden)``, ``up_proj (E, 2·width, hidden)``
+    (``[gate | up]`` rows), ``down_proj (E, hidden, width)``, routing ``weights, experts
+    (T, top_k)``; returns ``(T, hidden)`` in x's dtype. The Triton grouped GEMM on CUDA,
+    else the per-expert loop of ``kernels.moe.moe_reference``."""
+    fn = _moe.fused_moe if _triton(x) else _moe.moe_reference
+    return fn(x, up_proj, down_proj, weights, experts)
 
 
 def sample(
