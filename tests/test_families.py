@@ -33,6 +33,16 @@ FAMILIES = {
                      dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, tie_word_embeddings=False)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=6)),
+    # Scaled RoPE end to end (the sequences stay below Phi-3's original length, where HF
+    # and we both use the short factors).
+    "llama-rope-llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "phi3-longrope": ("Phi3Config", "Phi3ForCausalLM", dict(
+        num_key_value_heads=6, original_max_position_embeddings=48, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.25 * i for i in range(4)],
+            "long_factor": [2.0 + i for i in range(4)]})),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(num_local_experts=5, num_experts_per_tok=2)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
