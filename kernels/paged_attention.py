@@ -366,9 +366,11 @@ def _paged_decode_kernel(
     scale_log2, group, head_dim, partition_size, num_partitions,
     BLOCK_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, IN_PREC: tl.constexpr,
+    WINDOW: tl.constexpr = 0,
 ):
     """One program: every query head of one KV head of one sequence, over one
-    partition of its context (the whole context when not SPLIT)."""
+    partition of its context (the whole context when not SPLIT); with WINDOW > 0,
+    over the part of it within the last WINDOW positions."""
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -391,6 +393,8 @@ def _paged_decode_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    if WINDOW > 0:
+        start = tl.maximum(start, ctx - WINDOW)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pmask = pos < end
@@ -472,9 +476,11 @@ def _paged_prefill_kernel(
     scale_log2, group, head_dim,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, IN_PREC: tl.constexpr,
+    WINDOW: tl.constexpr = 0,
 ):
     """One program: BLOCK_M new queries of one head of one sequence, over the
-    sequence's cached + new keys up to the last of those queries."""
+    sequence's cached + new keys up to the last of those queries (with WINDOW > 0,
+    from the first key in the first query's window)."""
     mblk = tl.program_id(0)
     seq = tl.program_id(1)
     h = tl.program_id(2)
@@ -498,7 +504,10 @@ def _paged_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = tl.minimum(ctx, ctx - n_q + (mblk + 1) * BLOCK_M)
-    for n0 in range(0, hi, BLOCK_N):
+    lo = 0
+    if WINDOW > 0:
+        lo = tl.maximum(ctx - n_q + mblk * BLOCK_M - WINDOW + 1, 0)
+    for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pmask = pos < hi
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pmask, other=0).to(tl.int64)
@@ -509,7 +518,10 @@ def _paged_prefill_kernel(
         v = tl.load(vc_ptr + (blk * stride_vb + off * stride_vs + kvh * stride_vh)[:, None]
                     + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * scale_log2
-        s = tl.where(pmask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        visible = pmask[None, :] & (pos[None, :] <= q_pos[:, None])
+        if WINDOW > 0:
+            visible = visible & (pos[None, :] > q_pos[:, None] - WINDOW)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -623,6 +635,7 @@ def paged_attention(
     softmax_scale: float | None = None,
     *,
     partition_size: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache (Triton): one query token per sequence.
 
@@ -640,6 +653,8 @@ def paged_attention(
             ``None`` picks it from ``num_seqs * kv_heads`` and the widest possible context,
             ``max_blocks * block_size`` (known on the host, so no sync), splitting only
             when the unsplit grid would leave the device under-used.
+        window: attend only to the last ``window`` positions of each context (a
+            sliding window); None for the whole context.
 
     Returns:
         ``(num_seqs, heads, head_dim)`` in q's dtype.
@@ -650,6 +665,7 @@ def paged_attention(
     _check_devices(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                    context_lens=context_lens)
     scale = _scale(softmax_scale, head_dim)
+    window = _check_window(window)
     num_seqs, heads, _ = q.shape
     group = heads // kv_heads
     out = torch.empty_like(q)
@@ -687,7 +703,7 @@ def paged_attention(
         scale * _LOG2E, group, head_dim, partition_size, num_partitions,
         BLOCK_SIZE=block_size, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=split, IN_PREC=_in_prec(q.dtype),
-        num_warps=4, num_stages=_num_stages(block_n, block_d, q.dtype),
+        WINDOW=window or 0, num_warps=4, num_stages=_num_stages(block_n, block_d, q.dtype),
     )
     if split:
         _paged_decode_reduce_kernel[(num_seqs, heads)](
@@ -709,6 +725,7 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     max_seqlen_q: int,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention of new tokens over their sequence's cached + new K/V (Triton).
 
@@ -729,6 +746,8 @@ def paged_prefill_attention(
             (``>= seqlen_q``, ``<= max_blocks * block_size``; not checked on the device).
         max_seqlen_q: the largest ``seqlen_q`` (a host int: sizes the grid).
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
+        window: each query sees only the last ``window`` positions up to its own (a
+            sliding window); None for all of them.
 
     Returns:
         ``(total_q, heads, head_dim)`` in q's dtype.
@@ -739,6 +758,7 @@ def paged_prefill_attention(
     _check_devices(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                    cu_seqlens_q=cu_seqlens_q, context_lens=context_lens)
     scale = _scale(softmax_scale, head_dim)
+    window = _check_window(window)
     num_seqs = cu_seqlens_q.shape[0] - 1
     heads = q.shape[1]
     out = torch.empty_like(q)
@@ -761,7 +781,7 @@ def paged_prefill_attention(
         out.stride(0), out.stride(1),
         scale * _LOG2E, heads // kv_heads, head_dim,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, IN_PREC=_in_prec(q.dtype),
+        BLOCK_D=block_d, IN_PREC=_in_prec(q.dtype), WINDOW=window or 0,
         num_warps=4 if block_m <= 64 else 8, num_stages=_num_stages(block_n, block_d, q.dtype),
     )
     return out
