@@ -417,9 +417,12 @@ def moe(x: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor, weights
         experts: torch.Tensor) -> torch.Tensor:
     """Mixture of SwiGLU experts: ``x (T, hidden)``, ``up_proj (E, 2·width, hidden)``
     (``[gate | up]`` rows), ``down_proj (E, hidden, width)``, routing ``weights, experts
-    (T, top_k)``; returns ``(T, hidden)`` in x's dtype. The Triton grouped GEMM on CUDA,
-    else the per-expert loop of ``kernels.moe.moe_reference``."""
-    fn = _moe.fused_moe if _triton(x) else _moe.moe_reference
+    (T, top_k)``; returns ``(T, hidden)`` in x's dtype. The Triton grouped GEMM on CUDA
+    when no gradient is wanted (it has no backward), else the per-expert loop of
+    ``kernels.moe.moe_reference``."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, up_proj, down_proj,
+                                                                      weights))
+    fn = _moe.fused_moe if _triton(x) and not grad else _moe.moe_reference
     return fn(x, up_proj, down_proj, weights, experts)
 
 
