@@ -42,7 +42,9 @@ from ._utils import (
     check_last_dim_contiguous,
     check_tensor,
     check_triton_device,
+    check_window,
     interpreting,
+    resolve_softmax_scale,
 )
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
@@ -571,16 +573,6 @@ def _check_qkv(q: object, k: object, v: object, layout: str, ndim: int) -> None:
                          f"{tuple(k.shape)} ({layout})")
 
 
-def _check_scale(softmax_scale: float | None, head_dim: int) -> float:
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool) \
-            or not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise ValueError(f"softmax_scale must be a positive finite number or None, "
-                         f"got {softmax_scale!r}")
-    return float(softmax_scale)
-
-
 def _check_cu_seqlens(name: str, cu: object, total: int, max_name: str, max_seqlen: object,
                       device: torch.device, check_values: bool) -> None:
     check_tensor(name, cu, dtypes=(torch.int32,), ndim=1, device=device)
@@ -647,7 +639,7 @@ def flash_attention_varlen(
     if cu_seqlens_k.numel() != cu_seqlens_q.numel():
         raise ValueError(f"cu_seqlens_k must have the same shape as cu_seqlens_q "
                          f"{tuple(cu_seqlens_q.shape)}, got {tuple(cu_seqlens_k.shape)}")
-    scale = _check_scale(softmax_scale, q.shape[-1])
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     window = check_window(window, causal)
     return _FlashAttentionVarlen.apply(q, k, v, cu_seqlens_q.contiguous(),
                                        cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
@@ -681,7 +673,7 @@ def flash_attention(
         raise ValueError(f"k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
     if q.shape[0] > _MAX_SEQS:
         raise ValueError(f"q: batch must be at most {_MAX_SEQS}, got shape {tuple(q.shape)}")
-    scale = _check_scale(softmax_scale, q.shape[-1])
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     steps = torch.arange(batch + 1, device=q.device, dtype=torch.int32)
@@ -732,17 +724,6 @@ def attention_reference(
     else:
         probs = torch.softmax(scores, dim=-1)
     return (probs @ vf).transpose(1, 2).to(q.dtype)
-
-
-def check_window(window: object, causal: bool = True) -> int | None:
-    """``window`` as an int, after checking it is None or a positive int with ``causal``."""
-    if window is None:
-        return None
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-        raise ValueError(f"window must be a positive int or None, got {window!r}")
-    if not causal:
-        raise ValueError("window (a sliding window) needs causal=True")
-    return int(window)
 
 
 def _uniform_length(bounds: list[int]) -> int | None:

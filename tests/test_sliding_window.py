@@ -68,9 +68,10 @@ def test_varlen_kernel_and_references_match_banded_softmax(lengths, window, dtyp
     assert_close(attention_varlen_reference(q, k, v, cu, cu, max(lengths), max(lengths),
                                             window=window), ref, dtype, what="reference")
     if dtype == torch.float32:  # the CPU path (SDPA with a banded mask)
-        assert_close(ops._attention_varlen_sdpa(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), cu.cpu(),
-                                                max(lengths), max(lengths), window=window),
-                     ref.cpu(), dtype, what="sdpa")
+        with ops.use(attention_varlen="sdpa"):
+            sdpa = ops.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), cu.cpu(),
+                                        max(lengths), max(lengths), window=window)
+        assert_close(sdpa, ref.cpu(), dtype, what="sdpa")
 
 
 def test_dense_kernel_gradients_match_the_reference_with_a_window() -> None:
@@ -128,8 +129,9 @@ def test_paged_decode_with_a_window(dtype, partition_size) -> None:
     assert_close(paged_attention_reference(q, k_cache, v_cache, tables, ctx, window=window),
                  ref, dtype, what="reference")
     if dtype == torch.float32:  # the C++ kernel
-        native = ops._paged_attention_native(q.cpu(), k_cache.cpu(), v_cache.cpu(),
-                                             tables.cpu(), ctx.cpu(), window=window)
+        with torch.inference_mode(), ops.use(paged_attention="cpp"):
+            native = ops.paged_attention(q.cpu(), k_cache.cpu(), v_cache.cpu(), tables.cpu(),
+                                         ctx.cpu(), window=window)
         assert_close(native, ref.cpu(), dtype, what="C++ paged decode")
 
 
