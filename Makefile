@@ -50,3 +50,12 @@ lint: install
 
 clean:
 	rm -rf build *.egg-info llm_engine/_C*.so
+
+# Every kernel configuration the launchers use, compiled ahead of time with Triton's own
+# ptxas (no GPU needed): registers, spills, shared memory and wgmma per entry.
+# COMPILE_ARCH=90 (default), 80 or "90 80"; COMPILE_JSON=path also writes the results.
+COMPILE_ARCH ?= 90
+.PHONY: gpu-compile
+gpu-compile: install
+	env -u TRITON_INTERPRET $(PY) -m llm_engine.kernels.compile_table \
+		$(foreach a,$(COMPILE_ARCH),--arch $(a)) $(if $(COMPILE_JSON),--json $(COMPILE_JSON))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 
@@ -102,3 +103,24 @@ def check_window(window: object, causal: bool = True) -> int | None:
 def sm_count(device_index: int) -> int:
     """Streaming multiprocessors of CUDA device ``device_index`` (asked once)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+T = TypeVar("T")
+
+AUTOTUNE_ENV = "LLM_ENGINE_AUTOTUNE"
+"""Environment variable: ``quick`` makes every autotuned kernel try only one or two
+configurations per key (those ``compile_table`` shows fast to compile and free of
+spills), so a cold start compiles a few kernels instead of hundreds."""
+
+
+def quick_autotune() -> bool:
+    """True under ``LLM_ENGINE_AUTOTUNE=quick`` (read at each launch that tunes)."""
+    return os.environ.get(AUTOTUNE_ENV, "").strip().lower() == "quick"
+
+
+def tuning_choices(configs: list[T], quick: Callable[[T], bool]) -> list[T]:
+    """The configurations an autotuner tries: all of ``configs``, or under quick mode
+    those ``quick`` accepts (the first one if it accepts none). Order is kept."""
+    if not quick_autotune():
+        return configs
+    return [c for c in configs if quick(c)] or configs[:1]

@@ -45,6 +45,7 @@ from ._utils import (
     check_window,
     interpreting,
     resolve_softmax_scale,
+    tuning_choices,
 )
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
@@ -403,26 +404,32 @@ def _attn_bwd_dq_kernel(
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, chosen per problem class: 16-bit
-# inputs with head_dim <= 64, 16-bit with 96/128 (128-wide tiles), and fp32 (full-precision
-# dots, twice the shared memory per tile). The 16-bit sets target Hopper (wgmma, 228 KB of
-# shared memory): picked from the sm_90 compiler's register and spill report (Triton 3.9,
-# bf16), every one fits in registers without spills, with or without grouped-query heads.
+# inputs with head_dim <= 64, 16-bit with 96/128 (128-wide tiles), and fp32 with either.
+# The 16-bit sets target Hopper (wgmma, 228 KB of shared memory). fp32 keeps full-precision
+# dots, which run on CUDA cores (no tensor cores) and hold a whole head_dim row of each
+# operand per thread: only small tiles fit in registers, so fp32 runs at reference speed.
+# Every set was picked from the sm_90 compiler's register and spill report (kernels/
+# compile_table.py): no spills, with or without grouped-query heads. The first config of
+# each class is the one LLM_ENGINE_AUTOTUNE=quick launches.
 _TUNING: dict[str, dict[str, list[tuple[int, int, int, int]]]] = {
     "fwd": {
         "d64": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
                 (64, 64, 4, 3)],
         "d128": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3)],
-        "fp32": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
+        "fp32_d64": [(32, 32, 4, 2), (16, 16, 4, 2)],
+        "fp32_d128": [(16, 16, 4, 2)],
     },
     "dkdv": {
         "d64": [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3)],
         "d128": [(64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3)],
-        "fp32": [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
+        "fp32_d64": [(16, 32, 4, 2)],
+        "fp32_d128": [(16, 16, 4, 2)],
     },
     "dq": {
         "d64": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
         "d128": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
-        "fp32": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
+        "fp32_d64": [(32, 32, 4, 2), (16, 16, 4, 2)],
+        "fp32_d128": [(16, 16, 4, 2)],
     },
 }
 _TUNE_KEY = ["seqlen_key", "HEAD_DIM", "CAUSAL", "GROUP"]
@@ -430,13 +437,18 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1,
 
 
 def _problem_class(q_dtype: torch.dtype, block_d: int) -> str:
-    if q_dtype == torch.float32:
-        return "fp32"
-    return "d64" if block_d <= 64 else "d128"
+    width = "d64" if block_d <= 64 else "d128"
+    return f"fp32_{width}" if q_dtype == torch.float32 else width
+
+
+def _entry(config: triton.Config) -> tuple[int, int, int, int]:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
+            config.num_stages)
 
 
 def _autotuned(kernel, table: dict[str, list[tuple[int, int, int, int]]]):
-    """Autotune ``kernel`` over the configs of its problem class (one config in the interpreter)."""
+    """Autotune ``kernel`` over the configs of its problem class (one config in the interpreter;
+    the class's first config under ``LLM_ENGINE_AUTOTUNE=quick``)."""
     if interpreting():
         return triton.autotune([_INTERPRETER_CONFIG], key=_TUNE_KEY)(kernel)
     entries = list(dict.fromkeys(e for cls in table.values() for e in cls))
@@ -446,8 +458,8 @@ def _autotuned(kernel, table: dict[str, list[tuple[int, int, int, int]]]):
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         args = {**named_args, **kwargs}
         wanted = table[_problem_class(args["Q"].dtype, args["BLOCK_D"])]
-        return [c for c in configs
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        return tuning_choices([c for c in configs if _entry(c) in wanted],
+                              lambda c: _entry(c) == wanted[0])
 
     return triton.autotune(configs, key=_TUNE_KEY,
                            prune_configs_by={"early_config_prune": prune})(kernel)
@@ -463,6 +475,10 @@ _bwd_dq = _autotuned(_attn_bwd_dq_kernel, _TUNING["dq"])
 
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _delta_block_t() -> int:
+    return 16 if interpreting() else 64
 
 
 def _seqlen_key(max_seqlen: int) -> int:
@@ -502,7 +518,7 @@ def _backward(do, q, k, v, o, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causa
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_d = triton.next_power_of_2(head_dim)
     delta = torch.empty_like(lse)
-    block_t = 16 if interpreting() else 64
+    block_t = _delta_block_t()
     _attn_bwd_delta_kernel[(triton.cdiv(total_q, block_t), heads)](
         o, do, delta, total_q, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
         delta.stride(0), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t,

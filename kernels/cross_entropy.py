@@ -30,6 +30,7 @@ from ._utils import (
     check_tensor,
     check_triton_device,
     interpreting,
+    tuning_choices,
 )
 
 # A chunk holds at most this many logits (64 MiB in bf16, 128 MiB in fp32).
@@ -45,7 +46,13 @@ def _row_configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_row_configs(), key=["n_cols"], restore_value=["logits_ptr"])
+def _prune_rows(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Every block, or 4096-wide blocks over 8 warps under ``LLM_ENGINE_AUTOTUNE=quick``."""
+    return tuning_choices(configs, lambda c: c.kwargs["BLOCK_V"] == 4096 and c.num_warps == 8)
+
+
+@triton.autotune(configs=_row_configs(), key=["n_cols"], restore_value=["logits_ptr"],
+                 prune_configs_by={"early_config_prune": _prune_rows})
 @triton.jit
 def _ce_rows_kernel(
     logits_ptr,

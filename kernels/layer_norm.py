@@ -25,7 +25,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import FLOAT_DTYPES, check_tensor, check_triton_device, interpreting, sm_count
+from ._utils import (
+    FLOAT_DTYPES,
+    check_tensor,
+    check_triton_device,
+    interpreting,
+    sm_count,
+    tuning_choices,
+)
 
 # Widest row (in elements) normalised in one block; wider rows loop over chunks. The
 # backward keeps more fp32 arrays per element live, so its block is narrower.
@@ -53,10 +60,12 @@ def _warp_configs() -> list[triton.Config]:
 
 
 def _prune_warps(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep warp counts that give each thread between 4 and 32 elements of the tile."""
+    """Keep warp counts that give each thread between 4 and 32 elements of the tile
+    (8 or 16 under ``LLM_ENGINE_AUTOTUNE=quick``)."""
     tile = kwargs["ROWS"] * kwargs["BLOCK_N"]
     kept = [c for c in configs if 4 <= tile / (32 * c.num_warps) <= 32]
-    return kept or [min(configs, key=lambda c: c.num_warps)]
+    kept = kept or [min(configs, key=lambda c: c.num_warps)]
+    return tuning_choices(kept, lambda c: tile / (32 * c.num_warps) in (8, 16))
 
 
 @triton.autotune(
@@ -314,7 +323,13 @@ def _sum_columns(P, OUT, pid, G, N, BLOCK_G: tl.constexpr, BLOCK_COLS: tl.conste
     tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
 
 
-@triton.autotune(configs=_sum_configs(), key=["G", "N", "HAS_BIAS"], do_bench=_tuning_bench)
+def _prune_sum(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Every shape, or 64 x 64 tiles under ``LLM_ENGINE_AUTOTUNE=quick``."""
+    return tuning_choices(configs, lambda c: c.kwargs["BLOCK_G"] == c.kwargs["BLOCK_COLS"] == 64)
+
+
+@triton.autotune(configs=_sum_configs(), key=["G", "N", "HAS_BIAS"], do_bench=_tuning_bench,
+                 prune_configs_by={"early_config_prune": _prune_sum})
 @triton.jit
 def _sum_partials_kernel(PW, PB, DW, DB, G, N, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr,
                          BLOCK_COLS: tl.constexpr):

@@ -233,7 +233,7 @@ def paged_attention_reference(
         valid &= pos[None, :] >= lens[:, None] - window
     slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size
     slots = slots.masked_fill(~valid, 0).view(-1)  # padding entries may be garbage
-    # One index_select over the flat slots: several times faster than 2-D indexing on CPU.
+    # One index_select over the flat slots: a single gather instead of 2-D advanced indexing.
     k, v = (cache.flatten(0, 1).index_select(0, slots).view(num_seqs, max_len, kv_heads, head_dim)
             .float().transpose(1, 2) for cache in (k_cache, v_cache))  # (seqs, kv_heads, len, d)
     out = F.scaled_dot_product_attention(  # the mask only when lengths differ
@@ -554,9 +554,34 @@ def _programs_target(device: torch.device) -> int:
 
 
 def _decode_block_n(head_dim: int) -> int:
+    """Keys per step of the decode loop; 32 from head_dim 128 up (at 64, the split
+    kernel's 16-bit build spilled under Triton 3.9)."""
     if interpreting():
         return 16
-    return 32 if head_dim > 128 else 64
+    return 32 if head_dim >= 128 else 64
+
+
+def _decode_options(block_n: int, block_d: int, dtype: torch.dtype) -> dict[str, int]:
+    """Launch options of the decode kernel."""
+    return {"num_warps": 4, "num_stages": _num_stages(block_n, block_d, dtype)}
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, dict[str, int]]:
+    """``(BLOCK_M, BLOCK_N, launch options)`` of the prefill kernel."""
+    block_d = _block_d(head_dim)
+    if interpreting():
+        block_m, block_n, warps = 16, 16, 4
+    elif dtype == torch.float32:
+        # Full-precision dots run on CUDA cores and hold a head_dim row of each operand
+        # per thread: larger tiles spill (kernels/compile_table.py).
+        block_m = block_n = 32 if head_dim <= 64 else 16
+        warps = 4
+    elif head_dim <= 64:
+        block_m, block_n, warps = 128, 64, 8
+    else:  # 8 warps: at 4, the head_dim-128 tile spilled on sm_80
+        block_m, block_n, warps = 64, 64 if head_dim <= 128 else 32, 8
+    return block_m, block_n, {"num_warps": warps,
+                              "num_stages": _num_stages(block_n, block_d, dtype)}
 
 
 def _choose_partition(max_context: int, base_programs: int, block_n: int,
@@ -682,7 +707,7 @@ def paged_attention(
         scale * _LOG2E, group, head_dim, partition_size, num_partitions,
         BLOCK_SIZE=block_size, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=split, IN_PREC=_in_prec(q.dtype),
-        WINDOW=window or 0, num_warps=4, num_stages=_num_stages(block_n, block_d, q.dtype),
+        WINDOW=window or 0, **_decode_options(block_n, block_d, q.dtype),
     )
     if split:
         _paged_decode_reduce_kernel[(num_seqs, heads)](
@@ -744,12 +769,7 @@ def paged_prefill_attention(
     if q.shape[0] == 0:
         return out
     block_d = _block_d(head_dim)
-    if interpreting():
-        block_m, block_n = 16, 16
-    elif head_dim <= 64:
-        block_m, block_n = 128, 64
-    else:
-        block_m, block_n = 64, 64 if head_dim <= 128 else 32
+    block_m, block_n, options = _prefill_config(head_dim, q.dtype)
     grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, heads)
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
@@ -760,7 +780,6 @@ def paged_prefill_attention(
         out.stride(0), out.stride(1),
         scale * _LOG2E, heads // kv_heads, head_dim,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, IN_PREC=_in_prec(q.dtype), WINDOW=window or 0,
-        num_warps=4 if block_m <= 64 else 8, num_stages=_num_stages(block_n, block_d, q.dtype),
+        BLOCK_D=block_d, IN_PREC=_in_prec(q.dtype), WINDOW=window or 0, **options,
     )
     return out

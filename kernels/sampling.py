@@ -61,6 +61,7 @@ _LN2 = tl.constexpr(0.6931471805599453)
 _INT32_MAX = 2**31 - 1
 _I32_MAX = tl.constexpr(_INT32_MAX)  # the same, readable inside kernels
 _SEED_MAX = 2**63 - 1
+_MAX_PASSES = 24  # pivot-search passes per filter (each cuts the key range at least 9-fold)
 
 
 # --------------------------------------------------------------------------------------
@@ -549,9 +550,10 @@ def _validate(logits: torch.Tensor, temperature: object, top_k: object, top_p: o
 # --------------------------------------------------------------------------------------
 
 
-def _launch_config(batch: int, vocab: int, device: torch.device
-                   ) -> tuple[int, int, int, int, int]:
-    """(rows per program, block, candidate capacity, pivots per pass, num_warps).
+def _launch_config(batch: int, vocab: int, device: torch.device, search: bool
+                   ) -> tuple[int, int, int, int, dict[str, int]]:
+    """(rows per program, block, candidate capacity, pivots per pass, launch options);
+    ``search``: the launch filters by top-k or top-p (the pivot search runs).
 
     Block and capacity depend only on the vocabulary size and the device kind,
     never on the batch, so a row's token does not depend on its neighbours.
@@ -563,9 +565,12 @@ def _launch_config(batch: int, vocab: int, device: torch.device
     if interpreting() and device.type == "cpu":
         block = min(max(triton.next_power_of_2(vocab) // 4, 8), 256)
         rows = min(triton.next_power_of_2(batch), max(1, 65536 // block))
-        return rows, block, 2 * block, 16, 1
+        return rows, block, 2 * block, 16, {"num_warps": 1}
     block = min(triton.next_power_of_2(vocab), 1024)
-    return 1, block, 4 * block, 16, 8
+    # The pivot search holds a (BLOCK, PIVOTS) tile: over 8 warps it needs more than 128
+    # registers a thread and spilled under a 128-register cap, so it takes 16 warps.
+    # Without it, 16 warps spilled a few bytes under Triton 3.6 and 8 do not.
+    return 1, block, 4 * block, 16, {"num_warps": 16 if search else 8}
 
 
 def sample(
@@ -605,7 +610,8 @@ def sample(
     check_triton_device("logits", logits)
     check_last_dim_contiguous("logits", logits)
     batch, vocab = logits.shape
-    rows, block, cap, pivots, num_warps = _launch_config(batch, vocab, logits.device)
+    rows, block, cap, pivots, options = _launch_config(
+        batch, vocab, logits.device, params.has_top_k or params.has_top_p)
     tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(batch if return_logprobs else 1, dtype=torch.float32,
                            device=logits.device)
@@ -620,10 +626,7 @@ def sample(
         tokens, logprobs, status, block_max, n_blocks, cand_key, cand_idx,
         HAS_TOP_K=params.has_top_k, HAS_TOP_P=params.has_top_p, HAS_MIN_P=params.has_min_p,
         SEED_PER_ROW=params.seed_per_row, WANT_LOGPROBS=return_logprobs,
-        ROWS=rows, BLOCK=block, PIVOTS=pivots, CAP=cap, MAX_PASSES=24, num_warps=num_warps,
-        # At most 128 registers a thread (no spills at BLOCK 1024, 8 warps): two programs
-        # fit on an SM, so a batch of 256 rows runs in one wave on an H100.
-        **({"maxnreg": 128} if logits.device.type == "cuda" else {}),
+        ROWS=rows, BLOCK=block, PIVOTS=pivots, CAP=cap, MAX_PASSES=_MAX_PASSES, **options,
     )
     bad = status.nonzero()
     if bad.numel():

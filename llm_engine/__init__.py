@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "ModelConfig",
-           "__version__"]
+           "EngineConfig", "__version__"]
 
 if TYPE_CHECKING:
     from llm_engine.config import ModelConfig
+    from llm_engine.engine.config import EngineConfig
     from llm_engine.engine.llm import LLM
     from llm_engine.engine.sequence import CompletionOutput, RequestOutput
     from llm_engine.sampling_params import SamplingParams
@@ -37,4 +38,8 @@ def __getattr__(name: str):  # lazy: `import llm_engine.kernels` must not pull i
         from llm_engine.config import ModelConfig
 
         return ModelConfig
+    if name == "EngineConfig":
+        from llm_engine.engine.config import EngineConfig
+
+        return EngineConfig
     raise AttributeError(f"module 'llm_engine' has no attribute {name!r}")

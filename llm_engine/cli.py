@@ -6,19 +6,14 @@ import argparse
 import sys
 import time
 
-import torch
-
 from llm_engine.backends import add_backend_arg, apply_backend_args
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+from llm_engine.engine.config import DTYPES, add_engine_args, engine_config_from_args
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model`` and the engine's options; these commands run one sequence at a time."""
     p.add_argument("--model", default="smollm2", help="model name, .gguf file or checkpoint dir")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    add_engine_args(p, max_num_seqs=1)
     add_backend_arg(p)
 
 
@@ -65,9 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     from llm_engine import LLM
 
-    dtype = DTYPES[args.dtype] if args.dtype else None
     apply_backend_args(args.backend)
-    return LLM(model=args.model, device=args.device, dtype=dtype)
+    return LLM(model=args.model, config=engine_config_from_args(args))
 
 
 def _params(args: argparse.Namespace):
@@ -88,20 +82,28 @@ def _backend_line(llm) -> str:
            f"ops: {', '.join(forced) if forced else 'default choice'}"
 
 
+def _speed_line(out, load_s: float) -> str:
+    """Load time, time to first token (prompt included) and decode speed, apart."""
+    m = out.metrics
+    n = len(out.outputs[0].token_ids)
+    decode = f"decode {1 / m.tpot:.1f} tokens/s" if m.tpot else "decode: under 2 tokens"
+    return (f"{n} tokens; load {load_s:.2f} s, first token {m.ttft:.2f} s "
+            f"({m.num_prompt_tokens}-token prompt), {decode}")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    llm = _load(args)
-    params = _params(args)
     start = time.perf_counter()
+    llm = _load(args)
+    load_s = time.perf_counter() - start
+    params = _params(args)
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
     else:
         out = llm.generate([args.prompt], params, use_tqdm=False)[0]
-    elapsed = time.perf_counter() - start
     completion = out.outputs[0]
     print(completion.text)
-    n = len(completion.token_ids)
-    print(f"\n[{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s; "
-          f"finish: {completion.finish_reason}; {_backend_line(llm)}]", file=sys.stderr)
+    print(f"\n[{_speed_line(out, load_s)}; finish: {completion.finish_reason}; "
+          f"{_backend_line(llm)}]", file=sys.stderr)
     return 0
 
 

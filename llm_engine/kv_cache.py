@@ -17,26 +17,23 @@ import torch
 
 from llm_engine._C import BlockManager
 
-DEFAULT_CPU_BYTES = 256 << 20  # budget when no size is given on CPU
-
 
 class KVCache:
-    """Paged K/V storage sized from a memory budget, and the manager of its blocks.
+    """Paged K/V storage of a given size, and the manager of its blocks.
 
-    The number of blocks is, in order of precedence: ``num_blocks`` if given;
-    else ``memory_bytes // bytes_per_block`` if a byte budget is given; else on
-    CUDA ``memory_fraction`` of the device's currently free memory
-    (``torch.cuda.mem_get_info``), on CPU ``DEFAULT_CPU_BYTES``.
+    The number of blocks is ``num_blocks``, or ``memory_bytes // bytes_per_block``
+    (exactly one of them must be given). The engine decides the size
+    (:func:`llm_engine.engine.engine.num_kv_blocks`).
 
     Args:
         num_layers, kv_heads, head_dim: model geometry (K/V heads, i.e. after GQA grouping).
         block_size: tokens per block.
         dtype: storage dtype of K and V (fp16/bf16/fp32).
         device: where the cache lives.
-        num_blocks / memory_bytes / memory_fraction: the size, see above.
+        num_blocks / memory_bytes: the size, see above.
         enable_prefix_caching: passed to the ``BlockManager``.
 
-    Raises ``ValueError`` for non-positive sizes, a fraction outside (0, 1], or a
+    Raises ``ValueError`` for non-positive sizes, both or neither size given, or a
     budget smaller than one block.
     """
 
@@ -51,15 +48,15 @@ class KVCache:
         device: str | torch.device = "cpu",
         num_blocks: int | None = None,
         memory_bytes: int | None = None,
-        memory_fraction: float = 0.9,
         enable_prefix_caching: bool = True,
     ) -> None:
         for name, value in (("num_layers", num_layers), ("kv_heads", kv_heads),
                             ("head_dim", head_dim), ("block_size", block_size)):
             if value <= 0:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if not 0.0 < memory_fraction <= 1.0:
-            raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+        if (num_blocks is None) == (memory_bytes is None):
+            raise ValueError("give exactly one of num_blocks and memory_bytes, got "
+                             f"num_blocks={num_blocks!r}, memory_bytes={memory_bytes!r}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.num_layers = num_layers
@@ -68,11 +65,12 @@ class KVCache:
         self.block_size = block_size
         self.bytes_per_block = (num_layers * 2 * block_size * kv_heads * head_dim
                                 * torch.empty((), dtype=dtype).element_size())
-        if num_blocks is None:
-            budget = self._budget_bytes(memory_bytes, memory_fraction)
-            num_blocks = budget // self.bytes_per_block
+        if memory_bytes is not None:
+            if memory_bytes <= 0:
+                raise ValueError(f"memory_bytes must be >= 1, got {memory_bytes}")
+            num_blocks = memory_bytes // self.bytes_per_block
             if num_blocks < 1:
-                raise ValueError(f"a budget of {budget} bytes holds no block of "
+                raise ValueError(f"a budget of {memory_bytes} bytes holds no block of "
                                  f"{self.bytes_per_block} bytes")
         elif num_blocks <= 0:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
@@ -81,16 +79,6 @@ class KVCache:
             (num_layers, 2, self.num_blocks, block_size, kv_heads, head_dim),
             dtype=dtype, device=self.device)
         self.manager = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
-
-    def _budget_bytes(self, memory_bytes: int | None, memory_fraction: float) -> int:
-        if memory_bytes is not None:
-            if memory_bytes <= 0:
-                raise ValueError(f"memory_bytes must be >= 1, got {memory_bytes}")
-            return int(memory_bytes)
-        if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            return int(free * memory_fraction)
-        return DEFAULT_CPU_BYTES
 
     @property
     def num_bytes(self) -> int:

@@ -313,8 +313,9 @@ class Transformer(nn.Module):
 
     def pack_weights(self, enabled: bool = True) -> None:
         """Keep a packed copy of every linear weight for CPU inference
-        (:class:`llm_engine.ops.PackedWeight`): decode matmuls run about 1.3x faster, for a
-        second copy of the weights in memory. Training and autograd use the weights
+        (:class:`llm_engine.ops.PackedWeight`): oneDNN then reads the weight in the layout
+        its GEMM wants instead of reordering it on every call, for a second copy of the
+        weights in memory. Training and autograd use the weights
         themselves, and a copy follows every change to its weight. The engine turns this
         on for fp32 CPU models."""
         for m in self.modules():

@@ -12,7 +12,10 @@ import torch
 
 from llm_engine import LLM, SamplingParams
 from llm_engine.config import ModelConfig
+from llm_engine.engine import engine as engine_module
+from llm_engine.engine.config import EngineConfig
 from llm_engine.engine.detokenizer import IncrementalDetokenizer
+from llm_engine.engine.engine import kv_block_bytes
 from llm_engine.engine.sampler import Sampler
 from llm_engine.engine.sequence import Request, Sequence
 from llm_engine.loader import load_model
@@ -166,18 +169,13 @@ def test_prefix_cache_serves_a_shared_system_prompt(model, tokenizer):
 def test_preemption_with_a_tiny_cache_gives_the_same_outputs(model, tokenizer):
     params = SamplingParams(temperature=0, max_tokens=24)
     large = make_llm(model, tokenizer).generate(PROMPTS, params, use_tqdm=False)
-    per_block = llm_block_bytes(model)
+    per_block = kv_block_bytes(model, 16)
     small = make_llm(model, tokenizer, kv_cache_memory=12 * per_block, max_num_seqs=8,
                      max_num_batched_tokens=64)
     outs = small.generate(PROMPTS, params, use_tqdm=False)
     assert small.stats().num_preemptions > 0
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in large]
     assert_all_blocks_free(small)
-
-
-def llm_block_bytes(model, block_size: int = 16) -> int:
-    c = model.config
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * 4
 
 
 def test_seeded_request_gives_the_same_tokens_alone_or_batched(model, tokenizer):
@@ -283,10 +281,12 @@ def test_closing_a_stream_early_aborts_the_request(model, tokenizer):
 def test_detokenizer_holds_back_split_characters(tokenizer):
     text = "héllo wörld 世界 🙂🙂 ok"
     ids = tokenizer.encode(text)
-    detok = IncrementalDetokenizer(tokenizer, incremental=True)
+    taken: list[int] = []
+    detok = IncrementalDetokenizer(tokenizer, taken, incremental=True)
     deltas = []
     for t in ids:
-        assert detok.add_token(t) is None
+        taken.append(t)
+        assert detok.advance() is None
         deltas.append(detok.stream_delta(finished=False))
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
@@ -294,7 +294,8 @@ def test_detokenizer_holds_back_split_characters(tokenizer):
 
 
 def test_detokenizer_holds_back_a_possible_stop_string_until_it_is_ruled_out(tokenizer):
-    detok = IncrementalDetokenizer(tokenizer, stop=("END!",))
+    taken: list[int] = []
+    detok = IncrementalDetokenizer(tokenizer, taken, stop=("END!",))
     pieces = ["The", " story", " E", "N", "X", " then", " EN", "D", "!", " more"]
     streamed = []
     matched = None
@@ -302,7 +303,8 @@ def test_detokenizer_holds_back_a_possible_stop_string_until_it_is_ruled_out(tok
         (t,) = tokenizer.encode(p) if len(tokenizer.encode(p)) == 1 else (None,)
         if t is None:
             pytest.skip(f"{p!r} is not one token")
-        matched = detok.add_token(t)
+        taken.append(t)
+        matched = detok.advance()
         streamed.append(detok.stream_delta(finished=matched is not None))
         if matched:
             break
@@ -337,9 +339,8 @@ def test_logprobs_hold_the_sampled_and_the_top_tokens(model, tokenizer):
 
 def test_penalties_follow_their_definitions(tokenizer):
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)
-    request = Request("r", None, [3], params, seeds=[0])
-    seq = Sequence(0, request, 0, 0, IncrementalDetokenizer(tokenizer))
-    seq.token_ids += [5, 5, 7]
+    request = Request("r", None, 1, params, seeds=[0])
+    seq = Sequence(0, request, 0, 0, [3, 5, 5, 7], tokenizer, incremental=False)
     logits = torch.tensor([[1.0, 2.0, 3.0, 4.0, -1.0, 6.0, 0.5, -2.0]])
     expected = logits.clone()
     expected[0, 3] = 4.0 / 2  # prompt token, positive logit: divided
@@ -360,7 +361,7 @@ def test_soak_with_mixed_params_aborts_and_preemption_leaks_no_block(small_vocab
                                                                      tokenizer):
     rng = random.Random(0)
     llm = make_llm(small_vocab_model, tokenizer, max_num_seqs=12, max_num_batched_tokens=64,
-                   kv_cache_memory=20 * llm_block_bytes(small_vocab_model))
+                   kv_cache_memory=20 * kv_block_bytes(small_vocab_model, 16))
     engine = llm.engine
     finished = 0
     live: list[str] = []
@@ -411,7 +412,7 @@ def test_bad_arguments_raise_clear_errors(model, tokenizer):
         llm.stream("hi", SamplingParams(n=2))
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         make_llm(model, tokenizer, max_num_seqs=8, max_num_batched_tokens=4)
-    tiny = make_llm(model, tokenizer, kv_cache_memory=2 * llm_block_bytes(model))
+    tiny = make_llm(model, tokenizer, kv_cache_memory=2 * kv_block_bytes(model, 16))
     with pytest.raises(ValueError, match="can never fit"):
         tiny.generate("hi", SamplingParams(max_tokens=100), use_tqdm=False)
     assert_all_blocks_free(llm)
@@ -453,3 +454,82 @@ def test_generation_stops_at_the_model_context(model, tokenizer):
     full = llm.generate((ids * 2)[:CONTEXT], GREEDY, use_tqdm=False)[0].outputs[0]
     assert full.finish_reason == "length" and len(full.token_ids) == 1
     assert_all_blocks_free(llm)
+
+
+def test_abort_frees_the_requests_kv_blocks_at_once(model, tokenizer):
+    llm = make_llm(model, tokenizer)
+    engine, bm = llm.engine, llm.engine.block_manager
+    params = SamplingParams(temperature=0, max_tokens=40)
+    kept = engine.add_request(None, tokenizer.encode(PROMPTS[0]), params)
+    gone = engine.add_request(None, tokenizer.encode(PROMPTS[2]), SamplingParams(n=3, max_tokens=40))
+    for _ in range(3):
+        engine.step()
+    assert len(gone.seqs) == 3 and all(s.seq_id in bm for s in gone.seqs)
+    free_before = bm.num_free_blocks
+    engine.abort(gone.request_id)  # no step in between
+    assert not any(s.seq_id in bm for s in gone.seqs) and kept.seqs[0].seq_id in bm
+    assert bm.num_free_blocks > free_before and len(engine.scheduler) == 1
+    assert [c.finish_reason for c in gone.to_output().outputs] == ["abort"] * 3
+    engine.abort(kept.request_id)
+    assert_all_blocks_free(llm)
+
+
+def test_abort_of_a_waiting_request_never_admits_it(model, tokenizer):
+    llm = make_llm(model, tokenizer)
+    request = llm.engine.add_request(None, [1, 2, 3], GREEDY)
+    llm.engine.abort(request.request_id)
+    assert llm.engine.step() == [] and request.finished
+    assert request.to_output().outputs[0].finish_reason == "abort"
+    assert_all_blocks_free(llm)
+
+
+def test_kv_cache_holds_max_num_seqs_sequences_of_max_model_len(model, tokenizer):
+    llm = make_llm(model, tokenizer, kv_cache_memory=None, max_num_seqs=3, max_model_len=100)
+    assert llm.engine.block_manager.num_blocks == 3 * 7  # ceil(100 / 16) blocks per sequence
+    assert llm.engine.max_model_len == 100
+    out = llm.generate([1] * 98, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
+    assert out[0].outputs[0].finish_reason == "length" and len(out[0].outputs[0].token_ids) == 2
+    with pytest.raises(ValueError, match="longer than the model's context of 100"):
+        llm.generate([1] * 101, GREEDY, use_tqdm=False)
+
+
+def test_kv_cache_is_capped_by_the_available_memory(model, tokenizer, monkeypatch):
+    per_block = kv_block_bytes(model, 16)
+    fraction = engine_module.CPU_KV_MEMORY_FRACTION
+    monkeypatch.setattr(engine_module, "_available_cpu_bytes", lambda: int(5.5 * per_block / fraction))
+    assert make_llm(model, tokenizer, kv_cache_memory=None).engine.block_manager.num_blocks == 5
+    explicit = make_llm(model, tokenizer, kv_cache_memory=9 * per_block)
+    assert explicit.engine.block_manager.num_blocks == 9
+    monkeypatch.setattr(engine_module, "_available_cpu_bytes", lambda: per_block)
+    with pytest.raises(ValueError, match="holds no KV block.*set kv_cache_memory"):
+        make_llm(model, tokenizer, kv_cache_memory=None)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(max_num_seqs=0), ValueError, "max_num_seqs must be a positive int"),
+    (dict(block_size=2.5), ValueError, "block_size must be a positive int"),
+    (dict(max_model_len=-1), ValueError, "max_model_len must be a positive int"),
+    (dict(kv_cache_memory=True), ValueError, "kv_cache_memory must be a positive int"),
+    (dict(max_num_seqs=16, max_num_batched_tokens=8), ValueError, "max_num_batched_tokens"),
+    (dict(gpu_memory_utilization=1.5), ValueError, "gpu_memory_utilization"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(enforce_eager="yes"), TypeError, "enforce_eager must be a bool"),
+    (dict(dtype="int8"), ValueError, "dtype must be one of"),
+    (dict(device="tpu"), ValueError, "device must be"),
+    (dict(max_num_seq=4), TypeError, "unknown engine argument.*max_num_seqs"),
+])
+def test_engine_config_names_the_bad_field(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EngineConfig().with_overrides(**kwargs)
+
+
+def test_engine_config_is_shared_and_checked_against_the_model(model, tokenizer):
+    config = EngineConfig(max_num_seqs=4, kv_cache_memory=1 << 22, dtype="fp32")
+    assert config.dtype == torch.float32
+    llm = LLM.from_modules(model, tokenizer, config, seed=7)
+    assert llm.engine.config == config.with_overrides(seed=7)
+    assert llm.engine.scheduler.max_num_seqs == 4
+    with pytest.raises(ValueError, match="max_model_len = 1000 exceeds the model's context"):
+        LLM.from_modules(model, tokenizer, config, max_model_len=1000)
+    with pytest.raises(ValueError, match="dtype"):
+        LLM.from_modules(model, tokenizer, config, dtype=torch.float16)

@@ -33,7 +33,8 @@ def varied_prompts(n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM("smollm2", device="cpu", dtype=torch.float32, max_num_seqs=64)
+    return LLM("smollm2", device="cpu", dtype=torch.float32, max_num_seqs=64,
+               kv_cache_memory=1 << 30)
 
 
 def test_batched_greedy_equals_each_prompt_alone(llm):

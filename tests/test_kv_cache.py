@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm_engine.kv_cache import DEFAULT_CPU_BYTES, KVCache
+from llm_engine.kv_cache import KVCache
 
 GEOM = dict(num_layers=3, kv_heads=2, head_dim=8, block_size=4)
 BYTES_PER_BLOCK_FP16 = 3 * 2 * 4 * 2 * 8 * 2
@@ -30,17 +30,12 @@ def test_byte_budget_gives_whole_blocks():
     assert kv.num_blocks == 10
 
 
-def test_cpu_default_budget():
-    kv = KVCache(num_layers=1, kv_heads=1, head_dim=64, block_size=16)
-    assert kv.num_blocks == DEFAULT_CPU_BYTES // kv.bytes_per_block
-
-
 @pytest.mark.parametrize("kwargs", [
     dict(memory_bytes=BYTES_PER_BLOCK_FP16 - 1),
     dict(memory_bytes=0),
     dict(num_blocks=0),
-    dict(memory_fraction=0.0),
-    dict(memory_fraction=1.5),
+    dict(),
+    dict(num_blocks=2, memory_bytes=10 * BYTES_PER_BLOCK_FP16),
 ])
 def test_bad_sizes_raise_value_error(kwargs):
     with pytest.raises(ValueError):

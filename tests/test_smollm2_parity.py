@@ -85,7 +85,7 @@ def test_greedy_generation_of_32_tokens_matches_hf(ours, hf_model) -> None:
     from llm_engine import LLM, SamplingParams
 
     model, tok = ours
-    llm = LLM.from_modules(model, tok)
+    llm = LLM.from_modules(model, tok, max_num_seqs=len(PROMPTS), max_model_len=256)
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     prompt_ids = [tok.encode(p) for p in PROMPTS]
     outputs = llm.generate(prompt_ids, params, use_tqdm=False)

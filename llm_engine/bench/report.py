@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from llm_engine.bench.common import OURS, Ceilings, Row
+from llm_engine.bench.compiled import markdown as compiled_markdown
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,6 +49,8 @@ class Report:
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    compiled: list[dict] = field(default_factory=list)  # llm_engine.bench.compiled rows
+    compiled_note: str = ""
 
     def speedups(self) -> list[float | None]:
         """For each row, ours ÷ this row's throughput on the same (suite, case)."""
@@ -64,6 +67,7 @@ class Report:
             "suites": [asdict(s) for s in self.suites],
             "summary": summary(self.rows),
             "notes": self.notes,
+            "compiled": {"note": self.compiled_note, "rows": self.compiled},
             "rows": [{**row.to_dict(), "ours_speedup": s}
                      for row, s in zip(self.rows, speedups, strict=True)],
         }
@@ -194,6 +198,8 @@ def render_markdown(report: Report, plots: dict[str, str]) -> str:
         lines.append("")
         if suite in plots:
             lines += [f"![{suite}]({plots[suite]})", ""]
+    if report.compiled_note:
+        lines += compiled_markdown(report.compiled, report.compiled_note)
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from llm_engine.bench.common import Ceilings, Row, measure_ceilings
+from llm_engine.bench.compiled import KERNEL_SUITES, compile_rows
 from llm_engine.bench.plots import write_plots
 from llm_engine.bench.report import Report, SuiteStatus, environment, write_report
 
@@ -49,6 +50,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "train": ("train",),
 }
 """Group name → suites; ``"all"`` means every suite in ``SUITES``."""
+
+COMPILE_BUDGET_S = 300.0
+"""Seconds the report's "compiled" section may take unless ``budget_s["compiled"]`` says."""
 
 _RATE_CEILINGS = {"GB/s": "bandwidth_gbps", "TFLOP/s": "matmul_tflops"}
 
@@ -94,7 +98,9 @@ def run_benchmarks(
 
     ``which``: suite or group names (see ``SUITES`` and ``GROUPS``). ``budget_s``:
     seconds each suite may run (one number for all, or suite → seconds with an
-    optional ``"default"``); a suite past its budget is stopped and noted.
+    optional ``"default"``); a suite past its budget is stopped and noted. When a
+    kernel suite runs, the report also gets the kernels' compile table ("compiled":
+    ``llm_engine.bench.compiled``; its budget is ``budget_s["compiled"]``).
     ``profile``: write a Chrome trace ``trace_<suite>.json`` of each suite.
     ``ceilings``: skip measuring them (tests). ``progress``: a progress bar on a
     terminal. ``suite_options``: suite -> keyword options for its ``iter_rows``/``run``
@@ -117,6 +123,10 @@ def run_benchmarks(
             _run_suite(report, name, _budget_for(budget_s, name), profile,
                        (suite_options or {}).get(name, {}))
             _write(report, [name], plotted)
+        if any(name in KERNEL_SUITES for name in names):
+            budget = _budget_for(budget_s, "compiled")
+            report.compiled, report.compiled_note = compile_rows(
+                device, quick, budget if budget is not None else COMPILE_BUDGET_S)
     except KeyboardInterrupt:
         report.interrupted = True
         ran = {s.name for s in report.suites}

@@ -16,53 +16,60 @@ _INCOMPLETE = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    """Text of one completion, built token by token; ``text`` excludes a matched stop string."""
+    """Text of one completion, built token by token; ``text`` excludes a matched stop string.
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (),
-                 incremental: bool = True) -> None:
+    ``token_ids`` is the completion's token list, owned by its sequence (the detokenizer
+    reads it, never writes it); the text covers ``token_ids[start:]`` up to the last
+    token taken with :meth:`advance`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, token_ids: list[int], start: int = 0,
+                 stop: tuple[str, ...] = (), incremental: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.token_ids = token_ids
         self.stop = stop
         self.incremental = incremental or bool(stop)
         self._max_stop = max((len(s) for s in stop), default=0)
-        self.token_ids: list[int] = []
+        self._start = start
+        self._end = start  # tokens before it are taken into the text
         self._text = ""
-        self._prefix_offset = 0  # window start: the text before it is final
-        self._read_offset = 0  # tokens whose text is already in self.text
+        self._prefix_offset = start  # window start: the text before it is final
+        self._read_offset = start  # tokens whose text is already in self.text
         self._streamed = 0  # characters of self.text handed out by stream_delta
-
-    def fresh(self) -> IncrementalDetokenizer:
-        """An empty detokenizer with the same tokenizer, stop strings and mode."""
-        return IncrementalDetokenizer(self.tokenizer, self.stop, self.incremental)
 
     @property
     def text(self) -> str:
-        return self._text if self.incremental else self.tokenizer.decode(self.token_ids)
+        if self.incremental:
+            return self._text
+        return self.tokenizer.decode(self.token_ids[self._start:self._end])
 
-    def add_token(self, token_id: int) -> str | None:
-        """Append a token; returns the stop string it completed, if any (then ``text``
-        is cut just before that stop string)."""
-        self.token_ids.append(token_id)
+    def advance(self) -> str | None:
+        """Take the next token of ``token_ids`` into the text; returns the stop string it
+        completed, if any (then ``text`` is cut just before that stop string)."""
+        if self._end >= len(self.token_ids):
+            raise IndexError(f"no token to take: all {len(self.token_ids)} are in the text")
+        self._end += 1
         if not self.incremental:
             return None
-        new_text = self.tokenizer.decode(self.token_ids[self._prefix_offset:])
+        new_text = self.tokenizer.decode(self.token_ids[self._prefix_offset:self._end])
         old_text = self.tokenizer.decode(self.token_ids[self._prefix_offset:self._read_offset])
         if len(new_text) <= len(old_text) or new_text.endswith(_INCOMPLETE):
             return None  # no new complete character yet
         search_from = max(0, len(self._text) - self._max_stop + 1)
         self._text += new_text[len(old_text):]
         self._prefix_offset = self._read_offset
-        self._read_offset = len(self.token_ids)
+        self._read_offset = self._end
         return self._find_stop(search_from)
 
     def flush(self) -> None:
         """At the end of a completion: add the text of trailing tokens held back because
         they end inside a character (it decodes with U+FFFD, as a full decode would)."""
-        if not self.incremental or self._read_offset == len(self.token_ids):
+        if not self.incremental or self._read_offset == self._end:
             return
-        new_text = self.tokenizer.decode(self.token_ids[self._prefix_offset:])
+        new_text = self.tokenizer.decode(self.token_ids[self._prefix_offset:self._end])
         old_text = self.tokenizer.decode(self.token_ids[self._prefix_offset:self._read_offset])
         self._text += new_text[len(old_text):]
-        self._prefix_offset = self._read_offset = len(self.token_ids)
+        self._prefix_offset = self._read_offset = self._end
 
     def _find_stop(self, search_from: int) -> str | None:
         best: tuple[int, str] | None = None

@@ -1,33 +1,36 @@
 """The loop: requests in, one scheduled step at a time, tokens and finished requests out.
 
 ``Engine`` wires the block manager, scheduler, model runner and sampler together.
-``add_request`` validates a prompt and queues it; ``step`` schedules one flat
-batch, runs it, samples, checks the stop conditions and frees what finished;
-``abort`` cancels a request at any time. :class:`~llm_engine.engine.llm.LLM`
+``add_request`` validates a prompt and queues it; ``step`` has the scheduler
+pick one flat batch, runs it, samples, and hands the tokens back to the
+scheduler, which appends them, stops and frees what finished; ``abort`` cancels
+a request at any time. :class:`~llm_engine.engine.llm.LLM`
 is the user-facing wrapper.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import time
 from dataclasses import dataclass
 
 import torch
 
-from llm_engine.engine.detokenizer import IncrementalDetokenizer
+from llm_engine.engine.config import EngineConfig
 from llm_engine.engine.model_runner import ModelRunner
 from llm_engine.engine.sampler import Sampler
 from llm_engine.engine.scheduler import Scheduler
 from llm_engine.engine.sequence import Request, Sequence
+from llm_engine.engine.stop_checker import StopChecker
 from llm_engine.kv_cache import KVCache
 from llm_engine.model import AttentionMetadata, Transformer
 from llm_engine.sampling_params import SamplingParams
 from llm_engine.tokenizer import Tokenizer
 
 _SEED_MAX = 2**63 - 1
-_CPU_KV_CACHE_BYTES = 1 << 30
+CPU_KV_MEMORY_FRACTION = 0.25  # of the available memory: the KV cache's cap on CPU
 
 
 @dataclass
@@ -60,94 +63,47 @@ class EngineStats:
 class Engine:
     """Continuous-batching generation over a paged KV cache.
 
-    ``kv_cache_memory`` (bytes) sizes the cache; by default 1 GiB on CPU and, on
-    CUDA, ``gpu_memory_utilization`` of the device memory minus what the model and
-    a profiled forward of ``max_num_batched_tokens`` tokens take.
+    Takes an :class:`~llm_engine.engine.config.EngineConfig` (``config``), or its
+    fields as keyword arguments (``overrides``, applied on top of ``config``).
+    The KV cache's size is decided by :func:`num_kv_blocks`.
     """
 
-    def __init__(
-        self,
-        model: Transformer,
-        tokenizer: Tokenizer,
-        *,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
-        block_size: int = 16,
-        kv_cache_memory: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        enable_prefix_caching: bool = True,
-        seed: int = 0,
-        use_cuda_graphs: bool = True,
-    ) -> None:
-        for name, value in (("max_num_seqs", max_num_seqs),
-                            ("max_num_batched_tokens", max_num_batched_tokens),
-                            ("block_size", block_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if max_num_batched_tokens < max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs "
-                f"({max_num_seqs}): every running sequence decodes one token per step")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
-                             f"{gpu_memory_utilization}")
-        if kv_cache_memory is not None and (not isinstance(kv_cache_memory, int)
-                                            or kv_cache_memory <= 0):
-            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got "
-                             f"{kv_cache_memory!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    def __init__(self, model: Transformer, tokenizer: Tokenizer,
+                 config: EngineConfig | None = None, **overrides) -> None:
+        config = (config or EngineConfig()).with_overrides(**overrides)
+        context = model.config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > context:
+            raise ValueError(f"max_model_len = {config.max_model_len} exceeds the model's "
+                             f"context of {context} tokens")
+        p = next(model.parameters())
+        if config.device is not None and torch.device(config.device).type != p.device.type:
+            raise ValueError(f"device = {config.device!r}, but the model is on {p.device}")
+        if config.dtype is not None and config.dtype != p.dtype:
+            raise ValueError(f"dtype = {config.dtype}, but the model's weights are {p.dtype}")
+        self.config = config
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.max_model_len = model.config.max_position_embeddings
-        self.block_size = block_size
-        c, p = model.config, next(model.parameters())
-        per_block = (2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim
-                     * p.element_size())
-        budget = kv_cache_memory or self._default_kv_bytes(model, max_num_batched_tokens,
-                                                           gpu_memory_utilization,
-                                                           max_num_seqs, per_block)
-        if budget < per_block:
-            raise ValueError(f"kv_cache_memory = {budget} bytes holds no KV block "
-                             f"({per_block} bytes each)")
-        self.kv_cache = KVCache(c.num_layers, c.num_kv_heads, c.head_dim, block_size,
-                                dtype=p.dtype, device=p.device, memory_bytes=budget,
-                                enable_prefix_caching=enable_prefix_caching)
+        self.max_model_len = config.max_model_len or context
+        self.block_size = config.block_size
+        c = model.config
+        self.kv_cache = KVCache(c.num_layers, c.num_kv_heads, c.head_dim, config.block_size,
+                                dtype=p.dtype, device=p.device,
+                                num_blocks=num_kv_blocks(model, config, self.max_model_len),
+                                enable_prefix_caching=config.enable_prefix_caching)
         self.block_manager = self.kv_cache.manager
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv_cache, max_num_seqs, use_cuda_graphs)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens,
+                                   StopChecker(tokenizer.eos_token_id, self.max_model_len))
+        self.runner = ModelRunner(model, self.kv_cache, config.max_num_seqs, self.max_model_len,
+                                  use_cuda_graphs=not config.enforce_eager)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
-        self._rng = random.Random(seed)
-        self._seq_ids = itertools.count()
+        self._rng = random.Random(config.seed)
         self._request_ids = itertools.count()
         self._num_steps = 0
         self._prompt_tokens = 0
         self._generated_tokens = 0
         self._busy_s = 0.0
-
-    def _default_kv_bytes(self, model: Transformer, max_num_batched_tokens: int,
-                          utilization: float, max_num_seqs: int, per_block: int) -> int:
-        device = next(model.parameters()).device
-        if device.type != "cuda":
-            # Enough for every sequence slot at full context, capped at 1 GiB.
-            blocks = max_num_seqs * (-(-self.max_model_len // self.block_size))
-            return min(_CPU_KV_CACHE_BYTES, blocks * per_block)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        tokens = torch.zeros(max_num_batched_tokens, dtype=torch.long, device=device)
-        chunk = min(max_num_batched_tokens, self.max_model_len)
-        lengths = [chunk] * (max_num_batched_tokens // chunk)
-        if max_num_batched_tokens % chunk:
-            lengths.append(max_num_batched_tokens % chunk)
-        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
-        with torch.inference_mode():
-            hidden = model(tokens, positions, AttentionMetadata.for_lengths(lengths, device))
-            model.compute_logits(hidden[:max_num_seqs])
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        _, total = torch.cuda.mem_get_info(device)
-        return max(0, int(total * utilization) - peak)
 
     # -- requests ---------------------------------------------------------------------
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -188,26 +144,21 @@ class Engine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         base = params.seed if params.seed is not None else self._rng.randrange(_SEED_MAX)
         seeds = [_child_seed(base, i) for i in range(params.n)]
-        request = Request(request_id, prompt, list(prompt_token_ids), params, seeds,
+        request = Request(request_id, prompt, len(prompt_token_ids), params, seeds,
                           forked=params.n == 1)
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop_strings, incremental=stream)
-        seq = Sequence(next(self._seq_ids), request, 0, seeds[0], detok)
+        seq = Sequence(self.scheduler.new_seq_id(), request, 0, seeds[0],
+                       list(prompt_token_ids), self.tokenizer, incremental=stream)
         request.seqs.append(seq)
         self.requests[request_id] = request
         self.scheduler.add(seq)
         return request
 
     def abort(self, request_id: str) -> None:
-        """Cancel a request: its sequences stop and their blocks are freed."""
+        """Cancel a request: its sequences stop (finish reason ``"abort"``) and their KV
+        blocks are freed at once. An unknown or finished request is ignored."""
         request = self.requests.pop(request_id, None)
-        if request is None:
-            return
-        request.aborted = True
-        request.forked = True
-        for seq in request.seqs:
-            if not seq.is_finished:
-                self.scheduler.finish(seq)
-                seq.finish_reason = "abort"
+        if request is not None:
+            self.scheduler.abort(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -222,23 +173,18 @@ class Engine:
             if self.scheduler.waiting:
                 raise RuntimeError("scheduler could not admit any waiting request")
             return []
-        for seq in batch.seqs:
-            if seq.request.metrics.first_scheduled_time is None:
-                seq.request.metrics.first_scheduled_time = start
         logits = self.runner.execute(batch)
         for seq, begin, end in zip(batch.seqs, batch.starts.tolist(), batch.ends.tolist(), strict=True):
             if end - begin > 1 or seq.num_output_tokens == 0:
                 self._prompt_tokens += end - begin
-            seq.num_computed_tokens = end
-        sampling = [s for s, flag in zip(batch.seqs, batch.sample.tolist(), strict=True) if flag]
-        rows, seqs = self._expand_forks(sampling)
-        if len(rows) != len(sampling):
+        rows, seqs = self.scheduler.complete_step(batch)
+        if len(rows) != logits.shape[0]:
             logits = logits[torch.tensor(rows, device=logits.device)]
         tokens, logprobs = self.sampler(logits, seqs)
         now = time.perf_counter()
         touched: dict[str, Request] = {}
         for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
-            self._append(seq, token, lp, now)
+            self.scheduler.append(seq, token, lp, now)
             touched[seq.request.request_id] = seq.request
         for request in touched.values():
             if request.finished:
@@ -248,51 +194,6 @@ class Engine:
         self._num_steps += 1
         self._busy_s += time.perf_counter() - start
         return list(touched.values())
-
-    def _expand_forks(self, sampling: list[Sequence]) -> tuple[list[int], list[Sequence]]:
-        """Fork requests with ``n > 1`` whose prompt just finished: each child samples from
-        its parent's logits row. Returns (logits row per sampled sequence, sequences)."""
-        rows: list[int] = []
-        seqs: list[Sequence] = []
-        for i, seq in enumerate(sampling):
-            rows.append(i)
-            seqs.append(seq)
-            request = seq.request
-            if request.forked:
-                continue
-            request.forked = True
-            for index in range(1, request.params.n):
-                child = seq.fork(next(self._seq_ids), index, request.seeds[index])
-                self.block_manager.fork(seq.seq_id, child.seq_id)
-                self.scheduler.add_running(child)
-                request.seqs.append(child)
-                rows.append(i)
-                seqs.append(child)
-        return rows, seqs
-
-    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None,
-                now: float) -> None:
-        """Add a sampled token to ``seq`` and finish it if a stop condition holds."""
-        request = seq.request
-        params = seq.params
-        seq.token_ids.append(token)
-        if request.metrics.first_token_time is None:
-            request.metrics.first_token_time = now
-        if seq.logprobs is not None:
-            seq.logprobs.append(logprobs)
-        if token == self.tokenizer.eos_token_id and not params.ignore_eos:
-            seq.finish_reason, seq.stop_reason = "stop", None
-        elif params.stop_token_ids and token in params.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", token
-        else:
-            matched = seq.detokenizer.add_token(token)
-            if matched is not None:
-                seq.finish_reason, seq.stop_reason = "stop", matched
-            elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-                seq.finish_reason = "length"
-                seq.detokenizer.flush()
-        if seq.finish_reason is not None:
-            self.scheduler.finish(seq)
 
     # -- metrics ------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -307,6 +208,78 @@ class Engine:
             num_kv_blocks=bm.num_blocks,
             prefix_cache_hit_rate=bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0,
         )
+
+
+def kv_block_bytes(model: Transformer, block_size: int) -> int:
+    """Bytes of one KV block of ``model`` (K and V of ``block_size`` tokens, every layer)."""
+    c, p = model.config, next(model.parameters())
+    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * p.element_size()
+
+
+def num_kv_blocks(model: Transformer, config: EngineConfig, max_model_len: int) -> int:
+    """How many KV blocks the engine allocates: the one place that decides.
+
+    ``config.kv_cache_memory`` bytes when given; otherwise enough blocks for
+    ``max_num_seqs`` sequences of ``max_model_len`` tokens, capped by the memory:
+    on CUDA ``gpu_memory_utilization`` of the device memory minus what the model
+    and a profiled forward of ``max_num_batched_tokens`` tokens take, on CPU
+    ``CPU_KV_MEMORY_FRACTION`` of the memory available now. Raises ``ValueError``
+    when that holds no block.
+    """
+    per_block = kv_block_bytes(model, config.block_size)
+    if config.kv_cache_memory is not None:
+        budget = config.kv_cache_memory
+        source = f"kv_cache_memory = {budget} bytes"
+    else:
+        wanted = config.max_num_seqs * -(-max_model_len // config.block_size)
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            budget = _free_cuda_bytes(model, config, max_model_len)
+            source = (f"gpu_memory_utilization = {config.gpu_memory_utilization} of the device "
+                      f"leaves {budget} bytes, which")
+        else:
+            budget = int(_available_cpu_bytes() * CPU_KV_MEMORY_FRACTION)
+            source = f"{CPU_KV_MEMORY_FRACTION} of the available memory ({budget} bytes)"
+        budget = min(budget, wanted * per_block)
+    if budget < per_block:
+        raise ValueError(f"{source} holds no KV block ({per_block} bytes each); "
+                         f"set kv_cache_memory")
+    return budget // per_block
+
+
+def _available_cpu_bytes() -> int:
+    """Memory the system can give without swapping (``MemAvailable``; free pages where
+    /proc/meminfo is missing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _free_cuda_bytes(model: Transformer, config: EngineConfig, max_model_len: int) -> int:
+    """``gpu_memory_utilization`` of the device memory minus the peak of a profiled
+    forward of ``max_num_batched_tokens`` tokens (weights included)."""
+    device = next(model.parameters()).device
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    n_tokens = config.max_num_batched_tokens
+    tokens = torch.zeros(n_tokens, dtype=torch.long, device=device)
+    chunk = min(n_tokens, max_model_len)
+    lengths = [chunk] * (n_tokens // chunk)
+    if n_tokens % chunk:
+        lengths.append(n_tokens % chunk)
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+    with torch.inference_mode():
+        hidden = model(tokens, positions, AttentionMetadata.for_lengths(lengths, device))
+        model.compute_logits(hidden[:config.max_num_seqs])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    _, total = torch.cuda.mem_get_info(device)
+    return max(0, int(total * config.gpu_memory_utilization) - peak)
 
 
 def _child_seed(seed: int, index: int) -> int:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-import torch
-
+from llm_engine.engine.config import EngineConfig
 from llm_engine.engine.engine import Engine, EngineStats
 from llm_engine.engine.sequence import Request, RequestOutput
 from llm_engine.model import Transformer
@@ -20,58 +19,35 @@ class LLM:
 
     Args:
         model: a built-in model name (``"smollm2"``) or a path (see ``load_model``).
-        device, dtype: default CUDA + bf16 when available, else CPU + fp32.
-        max_num_seqs: most sequences running at once.
-        max_num_batched_tokens: most tokens in one step (longer prompts are chunked).
-        block_size: tokens per KV-cache block.
-        kv_cache_memory: bytes for the KV cache (default: 1 GiB on CPU; on CUDA,
-            ``gpu_memory_utilization`` of the device memory minus the model's needs).
-        enable_prefix_caching: reuse the KV of prompt prefixes shared across requests.
-        seed: seeds the requests that bring no seed of their own, so a run of the
-            same requests is reproducible.
-        enforce_eager: never use CUDA graphs for decode.
+        config: the engine's arguments (:class:`~llm_engine.engine.config.EngineConfig`:
+            ``device``, ``dtype``, ``max_num_seqs``, ``max_num_batched_tokens``,
+            ``max_model_len``, ``block_size``, ``kv_cache_memory``,
+            ``gpu_memory_utilization``, ``enable_prefix_caching``, ``seed``,
+            ``enforce_eager``).
+        **kwargs: any of those fields, applied on top of ``config``.
     """
 
-    def __init__(
-        self,
-        model: str = "smollm2",
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
-        block_size: int = 16,
-        kv_cache_memory: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        enable_prefix_caching: bool = True,
-        seed: int = 0,
-        enforce_eager: bool = False,
-    ) -> None:
+    def __init__(self, model: str = "smollm2", config: EngineConfig | None = None,
+                 **kwargs) -> None:
         from llm_engine.loader import load_model
 
-        module, tokenizer = load_model(model, device=device, dtype=dtype)
-        self._setup(module, tokenizer, max_num_seqs=max_num_seqs,
-                    max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-                    kv_cache_memory=kv_cache_memory,
-                    gpu_memory_utilization=gpu_memory_utilization,
-                    enable_prefix_caching=enable_prefix_caching, seed=seed,
-                    use_cuda_graphs=not enforce_eager)
+        config = (config or EngineConfig()).with_overrides(**kwargs)
+        module, tokenizer = load_model(model, device=config.device, dtype=config.dtype)
+        self._setup(module, tokenizer, config)
 
     @classmethod
-    def from_modules(cls, model: Transformer, tokenizer: Tokenizer, *,
-                     enforce_eager: bool = False, **engine_kwargs) -> LLM:
-        """An LLM over an already built model (e.g. one being trained) and tokenizer.
-
-        ``engine_kwargs``: ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``,
-        ``kv_cache_memory``, ``gpu_memory_utilization``, ``enable_prefix_caching``, ``seed``.
-        """
+    def from_modules(cls, model: Transformer, tokenizer: Tokenizer,
+                     config: EngineConfig | None = None, **kwargs) -> LLM:
+        """An LLM over an already built model (e.g. one being trained) and tokenizer;
+        ``config`` and ``kwargs`` as for ``LLM`` (``device`` and ``dtype`` are the model's)."""
         llm = cls.__new__(cls)
-        llm._setup(model, tokenizer, use_cuda_graphs=not enforce_eager, **engine_kwargs)
+        llm._setup(model, tokenizer, (config or EngineConfig()).with_overrides(**kwargs))
         return llm
 
-    def _setup(self, model: Transformer, tokenizer: Tokenizer, **engine_kwargs) -> None:
+    def _setup(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.engine = Engine(model, tokenizer, **engine_kwargs)
+        self.engine = Engine(model, tokenizer, config)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
 

@@ -28,7 +28,7 @@ class ModelRunner:
     """Runs scheduled batches through ``model`` over the paged ``kv_cache``."""
 
     def __init__(self, model: Transformer, kv_cache: KVCache, max_num_seqs: int,
-                 use_cuda_graphs: bool) -> None:
+                 max_model_len: int, use_cuda_graphs: bool) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_manager = kv_cache.manager
@@ -37,7 +37,7 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
         if self.device.type == "cpu" and self.dtype == torch.float32:
             model.pack_weights()  # faster CPU matmuls for a second copy of the weights
-        self.max_model_len = model.config.max_position_embeddings
+        self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.kv_caches = [kv_cache.layer(i) for i in range(kv_cache.num_layers)]
         # CUDA graphs, captured lazily the first time a batch-size bucket is needed.

@@ -13,17 +13,25 @@ free, the newest running sequence is preempted: its blocks are freed and it goes
 back to the front of the queue, to be recomputed (prompt and generated tokens)
 when admitted again. A request that cannot fit even alone is refused when it is
 added, so the engine never deadlocks.
+
+The scheduler owns every change of a sequence's state: it admits, preempts,
+records computed tokens, forks ``n > 1`` requests, appends sampled tokens
+(asking the :class:`~llm_engine.engine.stop_checker.StopChecker` whether the
+sequence ends) and finishes or aborts sequences, freeing their blocks at once.
 """
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from llm_engine._C import BlockManager
-from llm_engine.engine.sequence import Sequence, Status
+from llm_engine.engine.sequence import Request, Sequence, Status
+from llm_engine.engine.stop_checker import StopChecker
 
 
 @dataclass
@@ -50,33 +58,82 @@ class Scheduler:
     """Admission, chunked prefill and preemption over one block manager."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, stop_checker: StopChecker) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.stop_checker = stop_checker
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is the newest
         self.num_preemptions = 0
+        self._seq_ids = itertools.count()
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def new_seq_id(self) -> int:
+        """A sequence id the block manager has never seen."""
+        return next(self._seq_ids)
+
     def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; it is admitted when slots and blocks allow."""
         self.waiting.append(seq)
 
-    def add_running(self, seq: Sequence) -> None:
-        """A sequence forked from a running one (it already holds shared blocks)."""
-        self.running.append(seq)
-
-    def finish(self, seq: Sequence) -> None:
-        """Release a sequence that stopped or was aborted, wherever it is."""
+    def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        """End a sequence wherever it is and free its blocks at once."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
             self.block_manager.free(seq.seq_id)
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.request.num_finished_seqs += 1
+
+    def abort(self, request: Request) -> None:
+        """End every unfinished sequence of ``request`` (finish reason ``"abort"``); a
+        request not forked yet gets no more sequences."""
+        request.aborted = True
+        request.forked = True
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.finish(seq, "abort")
+
+    def complete_step(self, batch: ScheduledBatch) -> tuple[list[int], list[Sequence]]:
+        """Record that ``batch`` ran (its K/V is cached) and fork the requests with
+        ``n > 1`` whose prompt just finished: each child samples from its parent's
+        logits row. Returns (logits row, sequence) of every sequence that samples now;
+        the rows index the logits of the sequences with ``batch.sample`` set."""
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        row = 0
+        for seq, end, sample in zip(batch.seqs, batch.ends.tolist(), batch.sample.tolist(),
+                                    strict=True):
+            seq.num_computed_tokens = end
+            if not sample:
+                continue
+            rows.append(row)
+            seqs.append(seq)
+            request = seq.request
+            if not request.forked:
+                request.forked = True
+                for index in range(1, request.params.n):
+                    child = seq.fork(self.new_seq_id(), index, request.seeds[index])
+                    self.block_manager.fork(seq.seq_id, child.seq_id)
+                    self.running.append(child)
+                    request.seqs.append(child)
+                    rows.append(row)
+                    seqs.append(child)
+            row += 1
+        return rows, seqs
+
+    def append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None,
+               now: float) -> None:
+        """Add a sampled token to ``seq``; finish it (freeing its blocks) if it stops."""
+        seq.append_token(token, logprobs, now)
+        stop = self.stop_checker.check(seq)
+        if stop is not None:
+            self.finish(seq, *stop)
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
@@ -120,6 +177,10 @@ class Scheduler:
             budget -= take
 
         seqs = [it[0] for it in items]
+        now = time.perf_counter()
+        for seq in seqs:
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
         starts = np.fromiter((it[1] for it in items), dtype=np.int64, count=len(items))
         ends = np.fromiter((it[2] for it in items), dtype=np.int64, count=len(items))
         totals = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=len(items))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from llm_engine.engine.detokenizer import IncrementalDetokenizer
 from llm_engine.sampling_params import SamplingParams
+from llm_engine.tokenizer import Tokenizer
 
 
 class Status(enum.Enum):
@@ -85,17 +86,22 @@ class RequestOutput:
 
 
 class Sequence:
-    """One completion: its tokens, how many of them the KV cache holds, and its text."""
+    """One completion: its tokens, how many of them the KV cache holds, and its text.
+
+    ``token_ids`` (prompt then generated tokens) is the one list that holds the
+    request's tokens: the request reads its prompt from it, the detokenizer reads
+    the generated part. The scheduler moves the sequence between states.
+    """
 
     def __init__(self, seq_id: int, request: Request, index: int, seed: int,
-                 detokenizer: IncrementalDetokenizer) -> None:
+                 token_ids: list[int], tokenizer: Tokenizer, incremental: bool) -> None:
         self.seq_id = seq_id
         self.request = request
         self.index = index
         self.seed = seed
         self.status = Status.WAITING
-        self.token_ids: list[int] = list(request.prompt_token_ids)
-        self.num_prompt_tokens = len(request.prompt_token_ids)
+        self.token_ids = token_ids
+        self.num_prompt_tokens = request.num_prompt_tokens
         # Tokens whose K/V is in the cache; the tokens after them are computed next.
         self.num_computed_tokens = 0
         # Tokens the block manager knows about (allocated or appended).
@@ -104,7 +110,8 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.logprobs: list[dict[int, float]] | None = (
             [] if request.params.logprobs is not None else None)
-        self.detokenizer = detokenizer
+        self.detokenizer = IncrementalDetokenizer(tokenizer, token_ids, self.num_prompt_tokens,
+                                                  request.params.stop_strings, incremental)
 
     @property
     def params(self) -> SamplingParams:
@@ -126,10 +133,19 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
+    def append_token(self, token: int, logprobs: dict[int, float] | None, now: float) -> None:
+        """Record a sampled token (and its logprobs, when requested) at time ``now``."""
+        self.token_ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprobs)
+        if self.request.metrics.first_token_time is None:
+            self.request.metrics.first_token_time = now
+
     def fork(self, seq_id: int, index: int, seed: int) -> Sequence:
         """A sibling completion with the same tokens and cache state (before any sampling)."""
-        child = Sequence(seq_id, self.request, index, seed, self.detokenizer.fresh())
-        child.token_ids = list(self.token_ids)
+        detok = self.detokenizer
+        child = Sequence(seq_id, self.request, index, seed, list(self.token_ids),
+                         detok.tokenizer, detok.incremental)
         child.num_computed_tokens = self.num_computed_tokens
         child.num_allocated_tokens = self.num_allocated_tokens
         child.status = self.status
@@ -152,7 +168,7 @@ class Request:
 
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    num_prompt_tokens: int
     params: SamplingParams
     seeds: list[int]
     arrival_time: float = field(default_factory=time.perf_counter)
@@ -163,9 +179,14 @@ class Request:
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time,
-                                      num_prompt_tokens=len(self.prompt_token_ids))
+                                      num_prompt_tokens=self.num_prompt_tokens)
 
     num_finished_seqs: int = 0
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        """The prompt, read from the first sequence (every sequence starts with it)."""
+        return self.seqs[0].token_ids[:self.num_prompt_tokens]
 
     @property
     def finished(self) -> bool:
@@ -177,7 +198,7 @@ class Request:
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
-            prompt_token_ids=list(self.prompt_token_ids),
+            prompt_token_ids=self.prompt_token_ids,
             num_cached_tokens=self.num_cached_tokens,
             outputs=outputs,
             finished=self.finished,

@@ -301,17 +301,12 @@ class Trainer:
             return []
         from llm_engine import LLM, SamplingParams
 
-        block = 16
         longest = max(len(self.tokenizer.encode(p)) for p in prompts) + self.cfg.sample_tokens
-        blocks = len(prompts) * (longest // block + 2)
-        c = self.model.config
-        block_bytes = (2 * c.num_layers * block * c.num_kv_heads * c.head_dim
-                       * next(self.model.parameters()).element_size())  # K and V, all layers
         self.model.eval()
-        try:
+        try:  # a KV cache for these prompts only
             llm = LLM.from_modules(self.model, self.tokenizer, enforce_eager=True,
-                                   block_size=block, max_num_seqs=len(prompts),
-                                   kv_cache_memory=blocks * block_bytes)
+                                   max_num_seqs=len(prompts), max_model_len=min(
+                                       longest, self.model.config.max_position_embeddings))
             params = [SamplingParams(temperature=0.8, max_tokens=self.cfg.sample_tokens, seed=i)
                       for i in range(len(prompts))]
             outputs = llm.generate(prompts, params, use_tqdm=False)
