@@ -12,17 +12,19 @@ without ``_reference`` always run Triton (on CPU tensors only under
 ``TRITON_INTERPRET=1``).
 """
 
-from . import _interpreter_compat, attention, cross_entropy, layer_norm, paged_attention, sampling
-from ._utils import interpreting, resolve_softmax_scale
+from . import _interpreter_compat, attention, cross_entropy, layer_norm, moe, paged_attention, sampling
+from ._utils import check_window, interpreting, resolve_softmax_scale
 
 if interpreting():
     _interpreter_compat.install()
 
 __all__ = [
     "attention",
+    "check_window",
     "cross_entropy",
     "interpreting",
     "layer_norm",
+    "moe",
     "paged_attention",
     "resolve_softmax_scale",
     "sampling",

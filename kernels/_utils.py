@@ -88,6 +88,17 @@ def resolve_softmax_scale(softmax_scale: float | None, head_dim: int) -> float:
     return float(softmax_scale)
 
 
+def check_window(window: object, causal: bool = True) -> int | None:
+    """A sliding window: None, or a positive int (not a bool) that needs ``causal``."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if not causal:
+        raise ValueError("window (a sliding window) needs causal=True")
+    return int(window)
+
+
 @functools.cache
 def sm_count(device_index: int) -> int:
     """Streaming multiprocessors of CUDA device ``device_index`` (asked once)."""

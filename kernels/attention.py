@@ -42,6 +42,7 @@ from ._utils import (
     check_last_dim_contiguous,
     check_tensor,
     check_triton_device,
+    check_window,
     interpreting,
     resolve_softmax_scale,
     tuning_choices,
@@ -88,11 +89,12 @@ def _store_rows(base, x, rows, stride_t, n_rows, offs_d,
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi,
                offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale,
                CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               WINDOW: tl.constexpr = 0):
     """Stream key blocks [lo, hi) into the running (acc, l_i, m_i) of one query block.
 
-    MASKED blocks apply the key-bounds and causal masks; a row that is fully
-    masked so far keeps m_i = -inf and contributes nothing.
+    MASKED blocks apply the key-bounds, causal and sliding-window (WINDOW > 0) masks;
+    a row that is fully masked so far keeps m_i = -inf and contributes nothing.
     """
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -102,6 +104,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi,
             mask = cols[None, :] < seqlen_k
             if CAUSAL:
                 mask = mask & (cols[None, :] <= offs_m[:, None] + diag)
+            if WINDOW > 0:
+                mask = mask & (cols[None, :] > offs_m[:, None] + diag - WINDOW)
             qk = tl.where(mask, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -137,6 +141,7 @@ def _attn_fwd_kernel(
     stride_lse_h, qk_scale, seqlen_key,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr = 0,
 ):
     # Last query blocks first: under a causal mask they have the most key blocks to visit.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -164,12 +169,16 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     off_end, band_end = _causal_key_range(start_m, seqlen_k, diag, CAUSAL, BLOCK_M, BLOCK_N)
+    lo = 0
+    if WINDOW > 0:  # a sliding window: every visited key block is masked, from the window's start
+        lo = tl.maximum(start_m + diag - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+        off_end = lo
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                               0, off_end, offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale,
+                               lo, off_end, offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale,
                                CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                off_end, band_end, offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale,
-                               CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                               CAUSAL, True, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, WINDOW)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -201,7 +210,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                     stride_dot, stride_doh, stride_lse_h, lo, hi, offs_m, offs_n, offs_d,
                     seqlen_q, diag, qk_scale, GROUP: tl.constexpr,
                     CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    WINDOW: tl.constexpr = 0):
     """Accumulate one key block's dK, dV over query blocks [lo, hi) of each of the GROUP
     query heads sharing its K/V head (one flat loop over (head, block) pairs).
 
@@ -227,6 +237,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
         if MASKED and CAUSAL:
             p_t = tl.where(offs_n[:, None] <= rows[None, :] + diag, p_t, 0.0)
+        if MASKED and WINDOW > 0:
+            p_t = tl.where(offs_n[:, None] > rows[None, :] + diag - WINDOW, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -242,6 +254,7 @@ def _attn_bwd_dkdv_kernel(
     softmax_scale, qk_scale, seqlen_key,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -276,6 +289,10 @@ def _attn_bwd_dkdv_kernel(
     full_end = seqlen_q // BLOCK_M * BLOCK_M
     band_end = tl.minimum(mid, seqlen_q)
     tail_start = tl.maximum(mid, full_end)
+    if WINDOW > 0:  # only the queries whose window reaches this key block, all masked
+        band_end = tl.minimum(start_n + BLOCK_N - 1 - diag + WINDOW, seqlen_q)
+        full_end = mid
+        tail_start = seqlen_q
 
     head = kv_head * GROUP
     q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
@@ -285,7 +302,7 @@ def _attn_bwd_dkdv_kernel(
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                              stride_qh, stride_dot, stride_doh, stride_lse_h, lo, band_end,
                              offs_m, offs_n, offs_d, seqlen_q, diag, qk_scale, GROUP, CAUSAL,
-                             True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+                             True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, WINDOW)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                              stride_qh, stride_dot, stride_doh, stride_lse_h, mid, full_end,
                              offs_m, offs_n, offs_d, seqlen_q, diag, qk_scale, GROUP, CAUSAL,
@@ -307,7 +324,8 @@ def _attn_bwd_dkdv_kernel(
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi,
                   offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale,
                   CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  WINDOW: tl.constexpr = 0):
     """Accumulate one query block's dQ over key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -319,6 +337,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, l
             mask = cols[None, :] < seqlen_k
             if CAUSAL:
                 mask = mask & (cols[None, :] <= offs_m[:, None] + diag)
+            if WINDOW > 0:
+                mask = mask & (cols[None, :] > offs_m[:, None] + diag - WINDOW)
             p = tl.where(mask, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -334,6 +354,7 @@ def _attn_bwd_dq_kernel(
     softmax_scale, qk_scale, seqlen_key,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr = 0,
 ):
     # Last query blocks first: under a causal mask they have the most key blocks to visit.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -364,12 +385,16 @@ def _attn_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     off_end, band_end = _causal_key_range(start_m, seqlen_k, diag, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, off_end,
+    lo = 0
+    if WINDOW > 0:  # as in the forward: masked key blocks from the window's start
+        lo = tl.maximum(start_m + diag - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+        off_end = lo
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, off_end,
                        offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale, CAUSAL, False,
                        HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, off_end,
                        band_end, offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale, CAUSAL, True,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, WINDOW)
     dq_base = DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh
     _store_rows(dq_base, (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqt,
                 seqlen_q, offs_d, HEAD_DIM, BLOCK_D)
@@ -461,7 +486,7 @@ def _seqlen_key(max_seqlen: int) -> int:
     return triton.next_power_of_2(max(max_seqlen, 1))
 
 
-def _forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+def _forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, window=0):
     total_q, heads, head_dim = q.shape
     num_seqs = cu_q.numel() - 1
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -476,12 +501,13 @@ def _forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_sc
         softmax_scale * _LOG2E, _seqlen_key(max(max_seqlen_q, max_seqlen_k)),
         GROUP=heads // k.shape[1], HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), CAUSAL=causal,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), WINDOW=window,
     )
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+def _backward(do, q, k, v, o, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+              window=0):
     total_q, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     num_seqs = cu_q.numel() - 1
@@ -498,7 +524,7 @@ def _backward(do, q, k, v, o, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causa
         delta.stride(0), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t,
     )
     common = dict(GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal,
-                  DOT_PRECISION=_dot_precision(q.dtype))
+                  DOT_PRECISION=_dot_precision(q.dtype), WINDOW=window)
     seqlen_key = _seqlen_key(max(max_seqlen_q, max_seqlen_k))
     qk_scale = softmax_scale * _LOG2E
     if max_seqlen_k > 0:
@@ -522,10 +548,12 @@ def _backward(do, q, k, v, o, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causa
 
 class _FlashAttentionVarlen(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
-        o, lse = _forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale)
+    def forward(ctx, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                window=0):
+        o, lse = _forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                          window)
         ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
-        ctx.args = (max_seqlen_q, max_seqlen_k, causal, softmax_scale)
+        ctx.args = (max_seqlen_q, max_seqlen_k, causal, softmax_scale, window)
         return o
 
     @staticmethod
@@ -533,7 +561,7 @@ class _FlashAttentionVarlen(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
         dq, dk, dv = _backward(do.contiguous(), q, k, v, o, lse, cu_q, cu_k, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- validation
@@ -598,6 +626,7 @@ def flash_attention_varlen(
     softmax_scale: float | None = None,
     *,
     check_cu_seqlens: bool = True,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention over packed variable-length sequences (Triton, differentiable).
 
@@ -612,6 +641,8 @@ def flash_attention_varlen(
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
         check_cu_seqlens: read ``cu_seqlens`` back to the host to check their values (one
             device synchronization); pass False when the caller has already checked them.
+        window: a sliding window (causal only): query ``i`` also sees no key
+            ``j <= i + seqlen_k - seqlen_q - window``; None for none.
 
     Returns:
         ``(total_q, heads, head_dim)`` in q's dtype.
@@ -625,9 +656,10 @@ def flash_attention_varlen(
         raise ValueError(f"cu_seqlens_k must have the same shape as cu_seqlens_q "
                          f"{tuple(cu_seqlens_q.shape)}, got {tuple(cu_seqlens_k.shape)}")
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+    window = check_window(window, causal)
     return _FlashAttentionVarlen.apply(q, k, v, cu_seqlens_q.contiguous(),
                                        cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
-                                       bool(causal), scale)
+                                       bool(causal), scale, window or 0)
 
 
 def flash_attention(
@@ -636,6 +668,7 @@ def flash_attention(
     v: torch.Tensor,
     causal: bool = True,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention over a dense batch (Triton, differentiable).
 
@@ -645,10 +678,12 @@ def flash_attention(
             ``heads % kv_heads == 0``.
         causal: bottom-right aligned: query ``i`` sees key ``j <= i + seqlen_k - seqlen_q``.
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
+        window: a sliding window (causal only), as in :func:`flash_attention_varlen`.
 
     Returns:
         ``(batch, seqlen_q, heads, head_dim)`` in q's dtype.
     """
+    window = check_window(window, causal)
     _check_qkv(q, k, v, "(batch, seqlen, heads, head_dim)", 4)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
@@ -662,7 +697,7 @@ def flash_attention(
         q.reshape(batch * seqlen_q, heads, head_dim),
         k.reshape(batch * seqlen_k, kv_heads, head_dim),
         v.reshape(batch * seqlen_k, kv_heads, head_dim),
-        steps * seqlen_q, steps * seqlen_k, seqlen_q, seqlen_k, bool(causal), scale,
+        steps * seqlen_q, steps * seqlen_k, seqlen_q, seqlen_k, bool(causal), scale, window or 0,
     )
     return out.view(batch, seqlen_q, heads, head_dim)
 
@@ -676,13 +711,17 @@ def attention_reference(
     v: torch.Tensor,
     causal: bool = True,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch attention in fp32 with the same semantics as :func:`flash_attention`.
 
     ``q: (batch, seqlen_q, heads, head_dim)``, ``k, v: (batch, seqlen_k, kv_heads, head_dim)``;
     scores are materialised, K/V heads repeated for grouped-query attention, rows that
-    see no key give zeros. Returns q's shape and dtype.
+    see no key give zeros. ``window`` (causal only): query ``i`` sees only the keys
+    ``j > i + seqlen_k - seqlen_q - window`` besides the causal bound (a sliding window
+    of ``window`` keys ending at its own position). Returns q's shape and dtype.
     """
+    window = check_window(window, causal)
     heads, kv_heads = q.shape[2], k.shape[2]
     seqlen_q, seqlen_k = q.shape[1], k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
@@ -694,6 +733,8 @@ def attention_reference(
         rows = torch.arange(seqlen_q, device=q.device)[:, None]
         cols = torch.arange(seqlen_k, device=q.device)[None, :]
         visible = cols <= rows + (seqlen_k - seqlen_q)
+        if window is not None:
+            visible &= cols > rows + (seqlen_k - seqlen_q) - window
         scores = scores.masked_fill(~visible, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).masked_fill(~visible, 0.0)
     else:
@@ -717,6 +758,7 @@ def attention_varlen_reference(
     max_seqlen_k: int,
     causal: bool = True,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch (fp32) version of :func:`flash_attention_varlen`, one sequence at a time.
 
@@ -731,12 +773,13 @@ def attention_varlen_reference(
     if num_seqs > 1 and len_q and len_k:
         dense = attention_reference(q.reshape(num_seqs, len_q, *q.shape[1:]),
                                     k.reshape(num_seqs, len_k, *k.shape[1:]),
-                                    v.reshape(num_seqs, len_k, *v.shape[1:]), causal, softmax_scale)
+                                    v.reshape(num_seqs, len_k, *v.shape[1:]), causal, softmax_scale,
+                                    window)
         return dense.reshape(q.shape)
     outs = []
     for i in range(len(bounds_q) - 1):
         qs = q[bounds_q[i]:bounds_q[i + 1]].unsqueeze(0)
         ks = k[bounds_k[i]:bounds_k[i + 1]].unsqueeze(0)
         vs = v[bounds_k[i]:bounds_k[i + 1]].unsqueeze(0)
-        outs.append(attention_reference(qs, ks, vs, causal, softmax_scale).squeeze(0))
+        outs.append(attention_reference(qs, ks, vs, causal, softmax_scale, window).squeeze(0))
     return torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)

@@ -32,6 +32,7 @@ from ._utils import (
     check_last_dim_contiguous,
     check_tensor,
     check_triton_device,
+    check_window,
     interpreting,
     resolve_softmax_scale,
     sm_count,
@@ -208,8 +209,11 @@ def paged_attention_reference(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Decode attention through block tables, in fp32; same contract as ``paged_attention``."""
+    """Decode attention through block tables, in fp32; same contract as ``paged_attention``.
+    ``window``: attend only to the last ``window`` positions of each context."""
+    window = check_window(window)
     _, block_size, kv_heads, head_dim = _check_decode(
         q, k_cache, v_cache, block_tables, context_lens
     )
@@ -225,13 +229,16 @@ def paged_attention_reference(
         )
     pos = torch.arange(max_len, device=q.device)
     valid = pos[None, :] < lens[:, None]  # (num_seqs, max_len)
+    if window is not None:
+        valid &= pos[None, :] >= lens[:, None] - window
     slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size
     slots = slots.masked_fill(~valid, 0).view(-1)  # padding entries may be garbage
     # One index_select over the flat slots: a single gather instead of 2-D advanced indexing.
     k, v = (cache.flatten(0, 1).index_select(0, slots).view(num_seqs, max_len, kv_heads, head_dim)
             .float().transpose(1, 2) for cache in (k_cache, v_cache))  # (seqs, kv_heads, len, d)
     out = F.scaled_dot_product_attention(  # the mask only when lengths differ
-        q.float().unsqueeze(2), k, v, attn_mask=valid[:, None, None, :] if min_len < max_len else None,
+        q.float().unsqueeze(2), k, v, attn_mask=(valid[:, None, None, :]
+                                               if min_len < max_len or window is not None else None),
         scale=scale, enable_gqa=group > 1,
     ).squeeze(2)  # (num_seqs, heads, head_dim)
     if min_len == 0:
@@ -248,9 +255,12 @@ def paged_prefill_attention_reference(
     context_lens: torch.Tensor,
     max_seqlen_q: int,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention of new tokens over cached + new K/V, in fp32; same contract as
-    ``paged_prefill_attention``."""
+    ``paged_prefill_attention``. ``window``: each query sees only the last ``window``
+    positions up to its own."""
+    window = check_window(window)
     _, block_size, kv_heads, head_dim = _check_prefill(
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q
     )
@@ -281,7 +291,10 @@ def paged_prefill_attention_reference(
         scores = torch.einsum("qkgd,tkd->kgqt", qb, k) * scale
         q_pos = torch.arange(ctx - n_q, ctx, device=q.device)
         k_pos = torch.arange(ctx, device=q.device)
-        scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        hidden = k_pos[None, :] > q_pos[:, None]
+        if window is not None:
+            hidden |= k_pos[None, :] <= q_pos[:, None] - window
+        scores = scores.masked_fill(hidden, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         ob = torch.einsum("kgqt,tkd->qkgd", probs, v)
         out[start:end] = ob.reshape(n_q, heads, head_dim).to(q.dtype)
@@ -337,9 +350,11 @@ def _paged_decode_kernel(
     scale_log2, group, head_dim, partition_size, num_partitions,
     BLOCK_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, IN_PREC: tl.constexpr,
+    WINDOW: tl.constexpr = 0,
 ):
     """One program: every query head of one KV head of one sequence, over one
-    partition of its context (the whole context when not SPLIT)."""
+    partition of its context (the whole context when not SPLIT); with WINDOW > 0,
+    over the part of it within the last WINDOW positions."""
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -362,6 +377,8 @@ def _paged_decode_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    if WINDOW > 0:
+        start = tl.maximum(start, ctx - WINDOW)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pmask = pos < end
@@ -443,9 +460,11 @@ def _paged_prefill_kernel(
     scale_log2, group, head_dim,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, IN_PREC: tl.constexpr,
+    WINDOW: tl.constexpr = 0,
 ):
     """One program: BLOCK_M new queries of one head of one sequence, over the
-    sequence's cached + new keys up to the last of those queries."""
+    sequence's cached + new keys up to the last of those queries (with WINDOW > 0,
+    from the first key in the first query's window)."""
     mblk = tl.program_id(0)
     seq = tl.program_id(1)
     h = tl.program_id(2)
@@ -469,7 +488,10 @@ def _paged_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = tl.minimum(ctx, ctx - n_q + (mblk + 1) * BLOCK_M)
-    for n0 in range(0, hi, BLOCK_N):
+    lo = 0
+    if WINDOW > 0:
+        lo = tl.maximum(ctx - n_q + mblk * BLOCK_M - WINDOW + 1, 0)
+    for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pmask = pos < hi
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pmask, other=0).to(tl.int64)
@@ -480,7 +502,10 @@ def _paged_prefill_kernel(
         v = tl.load(vc_ptr + (blk * stride_vb + off * stride_vs + kvh * stride_vh)[:, None]
                     + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * scale_log2
-        s = tl.where(pmask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        visible = pmask[None, :] & (pos[None, :] <= q_pos[:, None])
+        if WINDOW > 0:
+            visible = visible & (pos[None, :] > q_pos[:, None] - WINDOW)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -614,6 +639,7 @@ def paged_attention(
     softmax_scale: float | None = None,
     *,
     partition_size: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache (Triton): one query token per sequence.
 
@@ -631,6 +657,8 @@ def paged_attention(
             ``None`` picks it from ``num_seqs * kv_heads`` and the widest possible context,
             ``max_blocks * block_size`` (known on the host, so no sync), splitting only
             when the unsplit grid would leave the device under-used.
+        window: attend only to the last ``window`` positions of each context (a
+            sliding window); None for the whole context.
 
     Returns:
         ``(num_seqs, heads, head_dim)`` in q's dtype.
@@ -641,6 +669,7 @@ def paged_attention(
     _check_devices(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                    context_lens=context_lens)
     scale = resolve_softmax_scale(softmax_scale, head_dim)
+    window = check_window(window)
     num_seqs, heads, _ = q.shape
     group = heads // kv_heads
     out = torch.empty_like(q)
@@ -678,7 +707,7 @@ def paged_attention(
         scale * _LOG2E, group, head_dim, partition_size, num_partitions,
         BLOCK_SIZE=block_size, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=split, IN_PREC=_in_prec(q.dtype),
-        **_decode_options(block_n, block_d, q.dtype),
+        WINDOW=window or 0, **_decode_options(block_n, block_d, q.dtype),
     )
     if split:
         _paged_decode_reduce_kernel[(num_seqs, heads)](
@@ -700,6 +729,7 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     max_seqlen_q: int,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention of new tokens over their sequence's cached + new K/V (Triton).
 
@@ -720,6 +750,8 @@ def paged_prefill_attention(
             (``>= seqlen_q``, ``<= max_blocks * block_size``; not checked on the device).
         max_seqlen_q: the largest ``seqlen_q`` (a host int: sizes the grid).
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
+        window: each query sees only the last ``window`` positions up to its own (a
+            sliding window); None for all of them.
 
     Returns:
         ``(total_q, heads, head_dim)`` in q's dtype.
@@ -730,6 +762,7 @@ def paged_prefill_attention(
     _check_devices(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                    cu_seqlens_q=cu_seqlens_q, context_lens=context_lens)
     scale = resolve_softmax_scale(softmax_scale, head_dim)
+    window = check_window(window)
     num_seqs = cu_seqlens_q.shape[0] - 1
     heads = q.shape[1]
     out = torch.empty_like(q)
@@ -747,6 +780,6 @@ def paged_prefill_attention(
         out.stride(0), out.stride(1),
         scale * _LOG2E, heads // kv_heads, head_dim,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, IN_PREC=_in_prec(q.dtype), **options,
+        BLOCK_D=block_d, IN_PREC=_in_prec(q.dtype), WINDOW=window or 0, **options,
     )
     return out

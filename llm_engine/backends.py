@@ -13,10 +13,11 @@ from collections.abc import Callable
 import torch
 
 ORDER = ("linear", "rms_norm", "layer_norm", "apply_rope", "store_kv_cache", "paged_attention",
-         "paged_prefill_attention", "attention_varlen", "silu_mul", "sample", "cross_entropy")
+         "paged_prefill_attention", "attention_varlen", "silu_mul", "moe", "sample",
+         "cross_entropy")
 """The table's order: as a layer runs them; ops registered later come after these."""
 TRAINING_OPS = ("linear", "rms_norm", "layer_norm", "apply_rope", "silu_mul",
-                "attention_varlen", "cross_entropy")
+                "attention_varlen", "cross_entropy", "moe")
 
 
 def add_backend_arg(p: argparse.ArgumentParser) -> None:
@@ -71,6 +72,9 @@ def typical_calls(device: torch.device, dtype: torch.dtype, grad: bool
         "paged_attention": ((q[:1], cache, cache, tables, lens[:1]), {}),
         "paged_prefill_attention": ((q, cache, cache, tables, cu, lens, tokens), {}),
         "sample": ((t(1, c.vocab_size, dt=torch.float32), 0.7), {}),
+        "moe": ((x, t(4, 2 * c.intermediate_size, c.hidden_size),
+                 t(4, c.hidden_size, c.intermediate_size), t(tokens, 2, dt=torch.float32),
+                 torch.zeros(tokens, 2, device=device, dtype=torch.int64)), {}),
     }
     return {op: call for op, call in calls.items() if not grad or op in TRAINING_OPS}
 

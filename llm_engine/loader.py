@@ -39,34 +39,84 @@ KNOWN_MODELS: dict[str, tuple[str, str, str]] = {
     ),
 }
 
-# Our parameter name -> the source tensors concatenated (along dim 0) to make it.
-# "{i}" stands for the layer index.
+# Our parameter name -> the source tensors concatenated to make it: along dim 0, or
+# along dim 1 for stacks of experts (3-D tensors). "{i}" stands for the layer index,
+# "{j}" for the expert index (the per-expert tensors are stacked into one). A table
+# entry none of whose sources exist is skipped (a bias, a norm or an MoE a family lacks);
+# _save_converted then checks that the model got every parameter its config needs.
+_GGUF_COMMON = {
+    "embed_tokens.weight": ("token_embd.weight",),
+    "layers.{i}.attn_norm.weight": ("blk.{i}.attn_norm.weight",),
+    "layers.{i}.attn.q_norm.weight": ("blk.{i}.attn_q_norm.weight",),
+    "layers.{i}.attn.k_norm.weight": ("blk.{i}.attn_k_norm.weight",),
+    "layers.{i}.attn.o_proj.weight": ("blk.{i}.attn_output.weight",),
+    "layers.{i}.mlp_norm.weight": ("blk.{i}.ffn_norm.weight",),
+    "layers.{i}.mlp.down_proj.weight": ("blk.{i}.ffn_down.weight",),
+    "norm.weight": ("output_norm.weight",),
+    "lm_head.weight": ("output.weight",),
+}
+_HF_COMMON = {
+    "embed_tokens.weight": ("model.embed_tokens.weight",),
+    "layers.{i}.attn_norm.weight": ("model.layers.{i}.input_layernorm.weight",),
+    "layers.{i}.attn.o_proj.weight": ("model.layers.{i}.self_attn.o_proj.weight",),
+    "layers.{i}.mlp_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight",),
+    "norm.weight": ("model.norm.weight",),
+    "lm_head.weight": ("lm_head.weight",),
+}
+_HF_QKV = {
+    "layers.{i}.attn.qkv_proj.weight": (
+        "model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
+        "model.layers.{i}.self_attn.v_proj.weight"),
+    "layers.{i}.attn.qkv_proj.bias": (
+        "model.layers.{i}.self_attn.q_proj.bias", "model.layers.{i}.self_attn.k_proj.bias",
+        "model.layers.{i}.self_attn.v_proj.bias"),
+    "layers.{i}.attn.q_norm.weight": ("model.layers.{i}.self_attn.q_norm.weight",),
+    "layers.{i}.attn.k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight",),
+}
 NAME_TABLES: dict[str, dict[str, tuple[str, ...]]] = {
+    # llama (Mistral and Mixtral GGUFs are 'llama' too), qwen2, qwen3, qwen3moe
     "gguf-llama": {
-        "embed_tokens.weight": ("token_embd.weight",),
-        "layers.{i}.attn_norm.weight": ("blk.{i}.attn_norm.weight",),
+        **_GGUF_COMMON,
         "layers.{i}.attn.qkv_proj.weight": (
             "blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight"),
-        "layers.{i}.attn.o_proj.weight": ("blk.{i}.attn_output.weight",),
-        "layers.{i}.mlp_norm.weight": ("blk.{i}.ffn_norm.weight",),
+        "layers.{i}.attn.qkv_proj.bias": (
+            "blk.{i}.attn_q.bias", "blk.{i}.attn_k.bias", "blk.{i}.attn_v.bias"),
         "layers.{i}.mlp.up_proj.weight": ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight"),
-        "layers.{i}.mlp.down_proj.weight": ("blk.{i}.ffn_down.weight",),
-        "norm.weight": ("output_norm.weight",),
-        "lm_head.weight": ("output.weight",),
+        "layers.{i}.mlp.router.weight": ("blk.{i}.ffn_gate_inp.weight",),
+        "layers.{i}.mlp.up_proj": ("blk.{i}.ffn_gate_exps.weight", "blk.{i}.ffn_up_exps.weight"),
+        "layers.{i}.mlp.down_proj": ("blk.{i}.ffn_down_exps.weight",),
     },
+    "gguf-phi3": {
+        **_GGUF_COMMON,
+        "layers.{i}.attn.qkv_proj.weight": ("blk.{i}.attn_qkv.weight",),
+        "layers.{i}.mlp.up_proj.weight": ("blk.{i}.ffn_up.weight",),  # [gate | up] already
+    },
+    # llama, mistral, qwen2, qwen3
     "hf-llama": {
-        "embed_tokens.weight": ("model.embed_tokens.weight",),
-        "layers.{i}.attn_norm.weight": ("model.layers.{i}.input_layernorm.weight",),
-        "layers.{i}.attn.qkv_proj.weight": (
-            "model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
-            "model.layers.{i}.self_attn.v_proj.weight"),
-        "layers.{i}.attn.o_proj.weight": ("model.layers.{i}.self_attn.o_proj.weight",),
-        "layers.{i}.mlp_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight",),
+        **_HF_COMMON, **_HF_QKV,
         "layers.{i}.mlp.up_proj.weight": (
             "model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
         "layers.{i}.mlp.down_proj.weight": ("model.layers.{i}.mlp.down_proj.weight",),
-        "norm.weight": ("model.norm.weight",),
-        "lm_head.weight": ("lm_head.weight",),
+    },
+    "hf-phi3": {
+        **_HF_COMMON,
+        "layers.{i}.attn.qkv_proj.weight": ("model.layers.{i}.self_attn.qkv_proj.weight",),
+        "layers.{i}.mlp.up_proj.weight": ("model.layers.{i}.mlp.gate_up_proj.weight",),
+        "layers.{i}.mlp.down_proj.weight": ("model.layers.{i}.mlp.down_proj.weight",),
+    },
+    "hf-mixtral": {
+        **_HF_COMMON, **_HF_QKV,
+        "layers.{i}.mlp.router.weight": ("model.layers.{i}.block_sparse_moe.gate.weight",),
+        "layers.{i}.mlp.up_proj": ("model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight",
+                                   "model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight"),
+        "layers.{i}.mlp.down_proj": ("model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight",),
+    },
+    "hf-qwen3_moe": {
+        **_HF_COMMON, **_HF_QKV,
+        "layers.{i}.mlp.router.weight": ("model.layers.{i}.mlp.gate.weight",),
+        "layers.{i}.mlp.up_proj": ("model.layers.{i}.mlp.experts.{j}.gate_proj.weight",
+                                   "model.layers.{i}.mlp.experts.{j}.up_proj.weight"),
+        "layers.{i}.mlp.down_proj": ("model.layers.{i}.mlp.experts.{j}.down_proj.weight",),
     },
     "hf-gpt2": {
         "embed_tokens.weight": ("wte.weight",),
@@ -235,15 +285,31 @@ def _map_names(
     state: dict[str, torch.Tensor] = {}
     jobs = [(ours, sources, i) for ours, sources in table.items()
             for i in (range(config.num_layers) if "{i}" in ours else [None])]
-    for ours, sources, i in tqdm(jobs, desc="converting weights", unit="tensor", leave=False):
-        names = [s.format(i=i) for s in sources]
+
+    def gather(names: list[str]) -> torch.Tensor | None:
         tensors = [get(n) for n in names]
         if all(t is None for t in tensors):
-            continue
+            return None
         missing = [n for n, t in zip(names, tensors, strict=True) if t is None]
         if missing:
             raise ValueError(f"checkpoint is missing tensors {missing}")
-        state[ours.format(i=i)] = torch.cat(tensors, 0) if len(tensors) > 1 else tensors[0]
+        if len(tensors) == 1:
+            return tensors[0]
+        return torch.cat(tensors, 1 if tensors[0].dim() == 3 else 0)
+
+    for ours, sources, i in tqdm(jobs, desc="converting weights", unit="tensor", leave=False):
+        if any("{j}" in s for s in sources):
+            experts = [gather([s.format(i=i, j=j) for s in sources])
+                       for j in range(config.num_experts)]
+            if all(t is None for t in experts):
+                continue
+            if any(t is None for t in experts):
+                raise ValueError(f"checkpoint is missing experts of {ours.format(i=i)}")
+            state[ours.format(i=i)] = torch.stack(experts)
+            continue
+        tensor = gather([s.format(i=i) for s in sources])
+        if tensor is not None:
+            state[ours.format(i=i)] = tensor
     return state
 
 
@@ -277,26 +343,11 @@ def _convert_gguf(path: str, out_dir: str) -> None:
         return meta[key].contents() if key in meta else default
 
     arch = value("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    if arch not in GGUF_ARCHS:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported "
+                         f"(supported: {', '.join(GGUF_ARCHS)})")
     tokens = value("tokenizer.ggml.tokens")
-    num_heads = int(value("llama.attention.head_count"))
-    hidden = int(value("llama.embedding_length"))
     tensors = {t.name: t for t in reader.tensors}
-    config = ModelConfig(
-        arch="llama",
-        vocab_size=int(value("llama.vocab_size", len(tokens))),
-        hidden_size=hidden,
-        num_layers=int(value("llama.block_count")),
-        num_heads=num_heads,
-        num_kv_heads=int(value("llama.attention.head_count_kv", num_heads)),
-        head_dim=int(value("llama.rope.dimension_count", hidden // num_heads)),
-        intermediate_size=int(value("llama.feed_forward_length")),
-        max_position_embeddings=int(value("llama.context_length", 2048)),
-        norm_eps=float(value("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(value("llama.rope.freq_base", 10000.0)),
-        tie_word_embeddings="output.weight" not in tensors,
-    )
 
     def get(name: str) -> torch.Tensor | None:
         t = tensors.get(name)
@@ -308,14 +359,16 @@ def _convert_gguf(path: str, out_dir: str) -> None:
             raise ValueError(f"corrupt or truncated GGUF file {path}: tensor {name}: {e}") from e
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         weight = torch.from_numpy(np.array(array, dtype=np.float32, order="C")).reshape(shape)
-        # llama.cpp stores Q and K rows interleaved for its RoPE; undo that permutation.
-        if name.endswith("attn_q.weight"):
+        # llama.cpp stores the Q and K rows of its 'llama' architecture interleaved for its
+        # RoPE; undo that permutation (the other architectures keep HF's order).
+        if arch == "llama" and name.endswith("attn_q.weight"):
             weight = _unpermute_rope_rows(weight, config.num_heads)
-        elif name.endswith("attn_k.weight"):
+        elif arch == "llama" and name.endswith("attn_k.weight"):
             weight = _unpermute_rope_rows(weight, config.num_kv_heads)
         return weight
 
-    state = _map_names(NAME_TABLES["gguf-llama"], config, get)
+    config = _gguf_config(arch, value, len(tokens), tensors, get, path)
+    state = _map_names(NAME_TABLES["gguf-phi3" if arch == "phi3" else "gguf-llama"], config, get)
     token_types = value("tokenizer.ggml.token_type", [])
     tokenizer = Tokenizer.from_bpe(
         tokens=list(tokens),
@@ -329,6 +382,66 @@ def _convert_gguf(path: str, out_dir: str) -> None:
     _save_converted(config, state, tokenizer, out_dir)
 
 
+# GGUF general.architecture values we read (Mistral and Mixtral files say 'llama').
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "phi3")
+
+
+def _gguf_config(arch: str, value: Callable[..., object], num_tokens: int, tensors: dict,
+                 get: Callable[[str], torch.Tensor | None], path: str) -> ModelConfig:
+    """Our config from a GGUF file's ``{arch}.*`` metadata."""
+    def key(name: str, default: object = None) -> object:
+        return value(f"{arch}.{name}", default)
+
+    num_heads = int(key("attention.head_count"))
+    hidden = int(key("embedding_length"))
+    num_experts = int(key("expert_count", 0) or 0)
+    window = key("attention.sliding_window")
+    max_positions = int(key("context_length", 2048))
+    scaling = None
+    kind = key("rope.scaling.type")
+    if kind not in (None, "none"):
+        if kind not in ("linear", "yarn"):
+            raise ValueError(f"{path}: rope scaling type {kind!r} is not supported")
+        scaling = {"rope_type": kind, "factor": float(key("rope.scaling.factor"))}
+        if kind == "yarn":
+            scaling["original_max_position_embeddings"] = int(
+                key("rope.scaling.original_context_length"))
+    if arch == "phi3" and "rope_factors_long.weight" in tensors:
+        scaling = {"rope_type": "longrope",
+                   "long_factor": get("rope_factors_long.weight").tolist(),
+                   "short_factor": get("rope_factors_short.weight").tolist(),
+                   "original_max_position_embeddings": int(
+                       key("rope.scaling.original_context_length"))}
+        if key("rope.scaling.attn_factor") is not None:
+            scaling["attention_factor"] = float(key("rope.scaling.attn_factor"))
+    if "rope_freqs.weight" in tensors:
+        raise ValueError(f"{path}: per-frequency rope factors (rope_freqs) are not supported")
+    return ModelConfig(
+        arch="llama",
+        vocab_size=int(key("vocab_size", num_tokens)),
+        hidden_size=hidden,
+        num_layers=int(key("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(key("attention.head_count_kv", num_heads)),
+        head_dim=int(key("attention.key_length", key("rope.dimension_count", hidden // num_heads))),
+        intermediate_size=int(key("feed_forward_length")),
+        max_position_embeddings=max_positions,
+        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        tie_word_embeddings="output.weight" not in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        sliding_window=int(window) if window and int(window) < max_positions else None,
+        num_experts=num_experts,
+        num_experts_per_tok=int(key("expert_used_count", 2)) if num_experts else 2,
+        moe_intermediate_size=(int(key("expert_feed_forward_length", key("feed_forward_length")))
+                               if num_experts else None),
+        # Mixtral ('llama') renormalises; qwen3moe says so in expert_weights_norm.
+        norm_topk_prob=bool(key("expert_weights_norm", arch == "llama")),
+    )
+
+
 def _unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """GGUF (pairs interleaved) row order -> HF (halves split) row order, per head."""
     rows = w.shape[0]
@@ -340,25 +453,87 @@ def _maybe_int(v: object) -> int | None:
 
 
 # --------------------------------------------------------------------------- HF directories
+# HF model_type -> the name table of the Llama-like families.
+HF_LLAMA_LIKE = {"llama": "hf-llama", "mistral": "hf-llama", "qwen2": "hf-llama",
+                 "qwen3": "hf-llama", "phi3": "hf-phi3", "mixtral": "hf-mixtral",
+                 "qwen3_moe": "hf-qwen3_moe"}
+
+
+def _hf_rope(hf: dict, where: str) -> tuple[float, dict | None]:
+    """``(rope_theta, rope_scaling)`` from an HF config (``rope_parameters`` in
+    transformers 5, ``rope_theta`` + ``rope_scaling`` before)."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(hf.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    if float(params.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise ValueError(f"{where}: a partial rotary embedding (partial_rotary_factor < 1) "
+                         "is not supported")
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    if hf.get("model_type") == "phi3" and kind in ("su", "yarn"):
+        kind = "longrope"  # Phi-3's names for its LongRoPE, as transformers reads them
+    if kind == "default":
+        return theta, None
+    scaling = {k: v for k, v in params.items()
+               if k not in ("rope_theta", "partial_rotary_factor", "type")}
+    scaling["rope_type"] = kind
+    if kind in ("llama3", "yarn", "longrope"):
+        scaling["original_max_position_embeddings"] = (
+            hf.get("original_max_position_embeddings")
+            or params.get("original_max_position_embeddings")
+            or hf.get("max_position_embeddings"))
+    return theta, scaling
+
+
+def _llama_like_config(hf: dict, where: str) -> ModelConfig:
+    """Our config for an HF Llama, Mistral, Qwen2, Qwen3, Phi-3, Mixtral or Qwen3-MoE."""
+    model_type = hf["model_type"]
+    heads = hf["num_attention_heads"]
+    max_positions = hf.get("max_position_embeddings", 2048)
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError(f"{where}: attention_bias / mlp_bias (biases on every projection) "
+                         "are not supported")
+    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+        raise ValueError(f"{where}: dense layers among the MoE layers (mlp_only_layers, "
+                         "decoder_sparse_step) are not supported")
+    # HF applies the window when sliding_window is set, except where use_sliding_window
+    # (Qwen2/3) turns it off; layer_types names the layers that use it.
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    window_layers = None
+    if window is not None and hf.get("layer_types"):
+        window_layers = [i for i, t in enumerate(hf["layer_types"]) if t == "sliding_attention"]
+        if not window_layers:
+            window = None
+    elif window is not None and "max_window_layers" in hf:  # Qwen2 before layer_types
+        window_layers = list(range(hf["max_window_layers"], hf["num_hidden_layers"]))
+    if window is not None and window >= max_positions:
+        window, window_layers = None, None  # never reached: plain causal attention
+    theta, scaling = _hf_rope(hf, where)
+    num_experts = hf.get("num_local_experts") or hf.get("num_experts") or 0
+    return ModelConfig(
+        arch="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=max_positions,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=theta, rope_scaling=scaling,
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        sliding_window=window, window_layers=window_layers,
+        num_experts=num_experts,
+        num_experts_per_tok=hf.get("num_experts_per_tok", 2) if num_experts else 2,
+        moe_intermediate_size=hf.get("moe_intermediate_size") if num_experts else None,
+        norm_topk_prob=model_type == "mixtral" or bool(hf.get("norm_topk_prob", True)),
+    )
+
 def _convert_hf_dir(directory: str, out_dir: str) -> None:
     with open(os.path.join(directory, "config.json")) as f:
         hf = json.load(f)
     model_type = hf.get("model_type")
-    if model_type == "llama":
-        heads = hf["num_attention_heads"]
-        config = ModelConfig(
-            arch="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads", heads),
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            intermediate_size=hf["intermediate_size"],
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=hf.get("rope_theta") or hf.get("rope_parameters", {}).get("rope_theta",
-                                                                                  10000.0),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        )
-        table = NAME_TABLES["hf-llama"]
+    if model_type in HF_LLAMA_LIKE:
+        config = _llama_like_config(hf, directory)
+        table = NAME_TABLES[HF_LLAMA_LIKE[model_type]]
     elif model_type == "gpt2":
         config = ModelConfig(
             arch="gpt2", vocab_size=hf["vocab_size"], hidden_size=hf["n_embd"],
@@ -369,8 +544,9 @@ def _convert_hf_dir(directory: str, out_dir: str) -> None:
         )
         table = NAME_TABLES["hf-gpt2"]
     else:
+        supported = ", ".join(repr(t) for t in sorted([*HF_LLAMA_LIKE, "gpt2"]))
         raise ValueError(f"{directory}: model_type {model_type!r} is not supported "
-                         "(expected 'llama' or 'gpt2')")
+                         f"(supported: {supported})")
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
         raise ValueError(f"{directory} has no *.safetensors weights (pickles are never loaded)")

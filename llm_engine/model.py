@@ -1,4 +1,5 @@
-"""A thin decoder-only transformer for the GPT-2 and Llama families.
+"""A thin decoder-only transformer for the GPT-2 and Llama families (and the Llama-like
+Qwen2, Qwen3, Mistral, Phi-3, Mixtral and Qwen3-MoE, through config fields).
 
 The forward takes a flat batch of tokens (``T`` tokens from any number of
 sequences) with their positions and an :class:`AttentionMetadata`, so the
@@ -18,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llm_engine import ops
 from llm_engine.config import ModelConfig
+from llm_engine.rope import rope_cos_sin
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache): (blocks, block_size, kv_heads, d)
 
@@ -90,17 +92,22 @@ class Norm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         bias = config.arch == "gpt2"
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                               bias=bias or config.qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=bias)
+        # Qwen3: an RMSNorm over each query and key head, before the rotation.
+        self.q_norm = Norm(self.head_dim, config.norm_eps, "rms") if config.qk_norm else None
+        self.k_norm = Norm(self.head_dim, config.norm_eps, "rms") if config.qk_norm else None
         self.use_rope = config.arch == "llama"
         self.scale = self.head_dim**-0.5
+        self.window = config.layer_window(layer)
 
     def forward(
         self,
@@ -112,6 +119,9 @@ class Attention(nn.Module):
         T = x.shape[0]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(T, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
         if self.use_rope:
             qk = ops.apply_rope(qk, *rope)  # q and k heads rotate together
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
@@ -121,11 +131,12 @@ class Attention(nn.Module):
             ops.store_kv_cache(k, v, k_cache, v_cache, attn.slot_mapping)
             if attn.is_decode:
                 o = ops.paged_attention(q, k_cache, v_cache, attn.block_tables, attn.context_lens,
-                                        softmax_scale=self.scale)
+                                        softmax_scale=self.scale, **self._window_arg())
             elif attn.has_cached_prefix:
                 o = ops.paged_prefill_attention(q, k_cache, v_cache, attn.block_tables,
                                                 attn.cu_seqlens_q, attn.context_lens,
-                                                attn.max_seqlen_q, softmax_scale=self.scale)
+                                                attn.max_seqlen_q, softmax_scale=self.scale,
+                                                **self._window_arg())
             else:
                 o = self._attend_new_tokens(q, k, v, attn)
         else:
@@ -135,7 +146,11 @@ class Attention(nn.Module):
     def _attend_new_tokens(self, q, k, v, attn: AttentionMetadata) -> torch.Tensor:
         return ops.attention_varlen(q, k, v, attn.cu_seqlens_q, attn.cu_seqlens_k,
                                     attn.max_seqlen_q, attn.max_seqlen_k, causal=True,
-                                    softmax_scale=self.scale)
+                                    softmax_scale=self.scale, **self._window_arg())
+
+    def _window_arg(self) -> dict[str, int]:
+        """``{"window": n}`` on a sliding-window layer, else nothing (the ops' default)."""
+        return {} if self.window is None else {"window": self.window}
 
 
 class MLP(nn.Module):
@@ -155,16 +170,38 @@ class MLP(nn.Module):
         return self.down_proj(h)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block; the residual add is fused into the next norm."""
+class MoE(nn.Module):
+    """Mixture of SwiGLU experts (Mixtral, Qwen3-MoE): a linear router picks
+    ``num_experts_per_tok`` experts per token by softmax weight; their outputs are summed
+    with those weights, renormalised over the chosen experts when ``norm_topk_prob``.
+
+    ``up_proj: (experts, 2·width, hidden)`` holds each expert's ``[gate | up]`` rows,
+    ``down_proj: (experts, hidden, width)``.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        e, width, hidden = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        self.top_k, self.normalize = config.num_experts_per_tok, config.norm_topk_prob
+        self.router = Linear(hidden, e, bias=False)
+        self.up_proj = nn.Parameter(torch.empty(e, 2 * width, hidden))
+        self.down_proj = nn.Parameter(torch.empty(e, hidden, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = ops.moe_route(self.router(x), self.top_k, self.normalize)
+        return ops.moe(x, self.up_proj, self.down_proj, weights, experts)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the residual add is fused into the next norm."""
+
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
+        super().__init__()
         kind = "rms" if config.arch == "llama" else "layer"
         self.attn_norm = Norm(config.hidden_size, config.norm_eps, kind)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer)
         self.mlp_norm = Norm(config.hidden_size, config.norm_eps, kind)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.num_experts else MLP(config)
 
     def forward(
         self,
@@ -194,7 +231,7 @@ class Transformer(nn.Module):
             nn.Embedding(config.max_position_embeddings, config.hidden_size)
             if config.arch == "gpt2" else None
         )
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = Norm(config.hidden_size, config.norm_eps,
                          "rms" if config.arch == "llama" else "layer")
         self.lm_head = (None if config.tie_word_embeddings
@@ -211,8 +248,8 @@ class Transformer(nn.Module):
         if c.arch != "llama":
             return None
         if self._rope is None or self._rope[0].device != device:
-            self._rope = ops.rope_cos_sin(c.head_dim, c.max_position_embeddings, c.rope_theta,
-                                          device=device)
+            self._rope = rope_cos_sin(c.head_dim, c.max_position_embeddings, c.rope_theta,
+                                      c.rope_scaling, device=device)
         return self._rope
 
     def reset_parameters(self) -> None:
@@ -223,7 +260,7 @@ class Transformer(nn.Module):
                 nn.init.zeros_(p)
             elif p.dim() < 2:
                 nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.num_layers))
             else:
                 nn.init.normal_(p, 0.0, std)

@@ -306,7 +306,7 @@ for name, fn in (("fwd", A._attn_fwd_kernel), ("dkdv", A._attn_bwd_dkdv_kernel),
         else:
             signature[arg] = POINTER_TYPES.get(arg, "*bf16")
     constexprs = dict(GROUP=3, HEAD_DIM=64, BLOCK_D=64, CAUSAL=True, DOT_PRECISION="tf32",
-                      BLOCK_M=bm, BLOCK_N=bn)
+                      BLOCK_M=bm, BLOCK_N=bn, WINDOW=0)
     compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages})
     assert compiled.asm["cubin"], name

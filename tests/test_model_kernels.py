@@ -21,6 +21,13 @@ CONFIGS = {
     "llama": ModelConfig(arch="llama", vocab_size=101, hidden_size=96, num_layers=2, num_heads=3,
                          num_kv_heads=1, head_dim=32, intermediate_size=80,
                          max_position_embeddings=64, tie_word_embeddings=False),
+    # Qwen2/Qwen3/Mistral/Mixtral fields together: q/k/v biases, q/k norms, a sliding
+    # window on one layer, a mixture of experts (its backward runs the reference loop).
+    "llama-like": ModelConfig(arch="llama", vocab_size=101, hidden_size=64, num_layers=2,
+                              num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=48,
+                              max_position_embeddings=64, qkv_bias=True, qk_norm=True,
+                              sliding_window=6, window_layers=[1], num_experts=3,
+                              num_experts_per_tok=2),
 }
 LENGTHS = [7, 1, 20]
 
@@ -41,8 +48,25 @@ def test_triton_kernels_match_reference_ops_in_the_model(arch: str) -> None:
     ids = torch.randint(0, model.config.vocab_size, (sum(LENGTHS),))
     with ops.use("torch"):
         ref_logits, ref_grads = _loss_and_grads(model, ids)
-    with ops.use("triton"):
+    # the fused MoE kernel has no backward: training runs the reference loop
+    with ops.use("triton", **({"moe": "reference"} if model.config.num_experts else {})):
         logits, grads = _loss_and_grads(model, ids)
     assert_close(logits, ref_logits, torch.float32, what="logits")
     for name, g in grads.items():
         assert_close(g, ref_grads[name], torch.float32, grad=True, what=f"grad of {name}")
+
+
+def test_fused_moe_in_the_model_matches_the_reference_loop() -> None:
+    model = Transformer(CONFIGS["llama-like"]).eval()
+    ids = torch.randint(0, model.config.vocab_size, (sum(LENGTHS),))
+    positions = torch.cat([torch.arange(n) for n in LENGTHS])
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return model.compute_logits(model(ids, positions,
+                                              AttentionMetadata.for_lengths(LENGTHS, "cpu")))
+
+    with ops.use("torch"):
+        ref = logits()
+    with ops.use("triton"):
+        assert_close(logits(), ref, torch.float32, what="logits")

@@ -67,6 +67,9 @@ CASES: dict[str, tuple[Callable[[], tuple], bool]] = {
     "sample": (lambda: ((torch.randn(3, 50), 1.0), {"top_k": 1}), False),
     "cross_entropy": (lambda: ((torch.randn(6, 8), torch.randn(11, 8),
                                 torch.tensor([1, 0, 10, -100, 3, 3])), {}), True),
+    "moe": (lambda: ((torch.randn(5, 16), torch.randn(3, 16, 16), torch.randn(3, 16, 8),
+                      torch.rand(5, 2), torch.tensor([[0, 2], [2, 1], [1, 0], [2, 0], [0, 1]])),
+                     {}), True),
 }
 
 IMPLS = [(op, impl) for op in REG.ops for impl in REG.ops[op].impls]

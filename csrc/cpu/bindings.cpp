@@ -106,7 +106,7 @@ void expect_threads(int num_threads) {
 
 void decode(const py::handle& out_obj, const py::handle& q_obj, const py::handle& k_obj,
             const py::handle& v_obj, const py::handle& tables_obj, const py::handle& lens_obj,
-            float scale, int num_threads) {
+            float scale, int num_threads, int64_t window) {
   auto out = expect_array<float>(out_obj, "out", "float32", 3);
   auto q = expect_array<float>(q_obj, "q", "float32", 3);
   auto k = expect_array<float>(k_obj, "k_cache", "float32", 4);
@@ -130,11 +130,12 @@ void decode(const py::handle& out_obj, const py::handle& q_obj, const py::handle
   }
   expect_writeable(out, "out");
   expect_threads(num_threads);
+  if (window < 0) throw py::value_error("window must be >= 0 (0: no sliding window)");
   check_decode_inputs(tables.data(), lens.data(), s);  // std::invalid_argument -> ValueError
   float* out_data = out.mutable_data();
   py::gil_scoped_release release;
   paged_decode_attention(out_data, q.data(), k.data(), v.data(), tables.data(), lens.data(), s,
-                         scale, num_threads);
+                         scale, num_threads, window);
 }
 
 void rms_norm_py(const py::handle& out_obj, const py::handle& residual_out_obj,
@@ -251,12 +252,13 @@ void store_kv_py(const py::handle& k_cache_obj, const py::handle& v_cache_obj,
 void register_cpu_kernels(py::module_& m) {
   m.def("paged_decode_attention", &decode, py::arg("out"), py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
-        py::arg("num_threads") = 1,
+        py::arg("num_threads") = 1, py::arg("window") = 0,
         "Decode attention over the paged KV cache on the CPU, fp32, written into out.\n\n"
         "out, q: (num_seqs, heads, head_dim); k_cache, v_cache: (num_blocks, block_size,\n"
         "kv_heads, head_dim); block_tables: (num_seqs, max_blocks) int32; context_lens:\n"
         "(num_seqs,) int32. All C-contiguous numpy arrays (torch CPU tensors' .numpy()).\n"
-        "A sequence with context length 0 gets zeros.");
+        "A sequence with context length 0 gets zeros. window > 0: attend only to the last\n"
+        "window positions of each context.");
   m.def("rms_norm", &rms_norm_py, py::arg("out"), py::arg("residual_out"), py::arg("x"),
         py::arg("residual"), py::arg("weight"), py::arg("eps"), py::arg("num_threads") = 1,
         "RMSNorm of the rows of x (plus residual when given), fp32, written into out.\n\n"

@@ -151,14 +151,18 @@ void check_decode_inputs(const int32_t* block_tables, const int32_t* context_len
 void paged_decode_attention(float* out, const float* q, const float* k_cache,
                             const float* v_cache, const int32_t* block_tables,
                             const int32_t* context_lens, const DecodeShape& shape, float scale,
-                            int num_threads) {
+                            int num_threads, int64_t window) {
   const DecodeArgs args{out, q, k_cache, v_cache, block_tables, context_lens, shape, scale};
-  // Work items: (sequence, chunk of kChunk positions); first_item[seq] is seq's first.
+  // Work items: (sequence, chunk of kChunk positions from start[seq], the first position
+  // in the window); first_item[seq] is seq's first.
   std::vector<int64_t> first_item(static_cast<size_t>(shape.num_seqs + 1), 0);
+  std::vector<int64_t> start(static_cast<size_t>(shape.num_seqs), 0);
   int64_t work = 0;
   for (int64_t seq = 0; seq < shape.num_seqs; ++seq) {
-    first_item[seq + 1] = first_item[seq] + (context_lens[seq] + kChunk - 1) / kChunk;
-    work += context_lens[seq];
+    if (window > 0) start[seq] = std::max<int64_t>(0, context_lens[seq] - window);
+    const int64_t len = context_lens[seq] - start[seq];
+    first_item[seq + 1] = first_item[seq] + (len + kChunk - 1) / kChunk;
+    work += len;
   }
   const int64_t items = first_item[shape.num_seqs];
   const int64_t per_item = shape.heads * (shape.head_dim + 2);
@@ -174,7 +178,7 @@ void paged_decode_attention(float* out, const float* q, const float* k_cache,
     for (int64_t item = 0; item < items; ++item) {
       const int64_t seq =
           std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin() - 1;
-      const int64_t p0 = (item - first_item[seq]) * kChunk;
+      const int64_t p0 = start[seq] + (item - first_item[seq]) * kChunk;
       const int64_t p1 = std::min<int64_t>(context_lens[seq], p0 + kChunk);
       float* partial = partials.data() + item * per_item;
       switch (shape.head_dim) {

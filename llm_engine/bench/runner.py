@@ -34,6 +34,7 @@ SUITES: dict[str, str] = {
     "attention": "llm_engine.bench.attention",
     "sampling": "llm_engine.bench.sampling",
     "paged_attention": "llm_engine.bench.paged_attention",
+    "moe": "llm_engine.bench.moe",
     "linear": "llm_engine.bench.linear",
     "cpu_layer_ops": "llm_engine.bench.cpu_layer_ops",
     "kv_manager": "llm_engine.bench.kv_manager",
@@ -46,7 +47,7 @@ SUITES: dict[str, str] = {
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "kernels": ("layer_norm", "attention", "sampling", "paged_attention", "linear",
-                "cpu_layer_ops", "kv_manager"),
+                "cpu_layer_ops", "kv_manager", "moe"),
     "generate": ("generate",),
     "train": ("train",),
     "serve": ("serve",),

@@ -34,6 +34,7 @@ from llm_engine.ops.elementwise import (
     silu_mul_reference,
 )
 from llm_engine.ops.matmul import PackedWeight, linear
+from llm_engine.ops.moe import moe, moe_route
 from llm_engine.ops.norms import layer_norm, rms_norm
 from llm_engine.ops.sampling import cross_entropy, sample
 
@@ -49,6 +50,8 @@ __all__ = [
     "cross_entropy",
     "layer_norm",
     "linear",
+    "moe",
+    "moe_route",
     "paged_attention",
     "paged_prefill_attention",
     "registry",

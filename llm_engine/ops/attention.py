@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from llm_engine import _C
 from llm_engine.kernels import attention as attention_kernels
+from llm_engine.kernels import check_window, resolve_softmax_scale
 from llm_engine.kernels import paged_attention as paged_kernels
-from llm_engine.kernels import resolve_softmax_scale
 from llm_engine.ops.common import ANY, cpp_needs, on_cuda, rows_apart, triton_needs
 from llm_engine.ops.dispatch import Needs, Op, registry, tensor_facts
 
@@ -66,20 +66,26 @@ def attention_varlen(
     max_seqlen_k: int,
     causal: bool = True,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention over packed sequences: ``q (total_q, heads, d)``, ``k, v (total_k, kv_heads, d)``,
-    ``cu_seqlens_q/k (seqs + 1,)`` int32; returns like ``q``."""
+    ``cu_seqlens_q/k (seqs + 1,)`` int32; returns like ``q``. ``window``: a sliding window
+    (query ``i`` sees the ``window`` keys ending at its own position)."""
     fn = ATTENTION_VARLEN.pick(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    extra = {} if window is None else {"window": window}
     return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-              causal=causal, softmax_scale=softmax_scale)
+              causal=causal, softmax_scale=softmax_scale, **extra)
 
 
 def _attention_varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
-                           softmax_scale: float | None = None) -> torch.Tensor:
+                           softmax_scale: float | None = None,
+                           window: int | None = None) -> torch.Tensor:
     """Self-attention of packed sequences (``cu_seqlens_q == cu_seqlens_k``) through SDPA:
-    one batched call when every sequence has the same length, else one call each."""
+    one batched call when every sequence has the same length, else one call each; a
+    sliding ``window`` as a banded boolean mask."""
+    window = check_window(window, causal)
     bounds = cu_seqlens_q.tolist()
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != q.shape[0] or k.shape[0] != q.shape[0]:
         raise ValueError(f"cu_seqlens must run from 0 to total tokens {q.shape[0]}, got {bounds}")
@@ -89,9 +95,15 @@ def _attention_varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     def attend(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
         # (batch, len, heads, d) -> SDPA's (batch, heads, len, d) and back
+        mask = None
+        if window is not None:
+            pos = torch.arange(qs.shape[1], device=qs.device)
+            gap = pos[:, None] - pos[None, :]
+            mask = (gap >= 0) & (gap < window)
         out = F.scaled_dot_product_attention(
-            qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), is_causal=causal,
-            scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+            qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=mask,
+            is_causal=causal and mask is None, scale=softmax_scale,
+            enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2)
 
     if q.shape[0] == 0:
@@ -130,22 +142,29 @@ def paged_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Decode attention: one query ``(seqs, heads, d)`` per sequence over its paged cache
     ``(blocks, block_size, kv_heads, d)``; ``block_tables (seqs, max_blocks)``,
-    ``context_lens (seqs,)`` int32. Returns like ``q``."""
+    ``context_lens (seqs,)`` int32. ``window``: over the last ``window`` positions only.
+    Returns like ``q``."""
     fn = PAGED_ATTENTION.pick(q, k_cache, v_cache, block_tables, context_lens)
-    return fn(q, k_cache, v_cache, block_tables, context_lens, softmax_scale=softmax_scale)
+    extra = {} if window is None else {"window": window}
+    return fn(q, k_cache, v_cache, block_tables, context_lens, softmax_scale=softmax_scale,
+              **extra)
 
 
 def _paged_attention_cpp(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          block_tables: torch.Tensor, context_lens: torch.Tensor,
-                         softmax_scale: float | None = None) -> torch.Tensor:
+                         softmax_scale: float | None = None,
+                         window: int | None = None) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=q.dtype)
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+    window = check_window(window)
     _C.paged_decode_attention(out.numpy(), q.contiguous().numpy(), k_cache.numpy(),
                               v_cache.numpy(), block_tables.contiguous().numpy(),
-                              context_lens.contiguous().numpy(), scale, torch.get_num_threads())
+                              context_lens.contiguous().numpy(), scale, torch.get_num_threads(),
+                              window or 0)
     return out
 
 
@@ -158,12 +177,15 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     max_seqlen_q: int,
     softmax_scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """New tokens ``q (total_q, heads, d)`` attending causally over cached + new K/V
-    (already stored); ``context_lens (seqs,)``: each sequence's cached + new length."""
+    (already stored); ``context_lens (seqs,)``: each sequence's cached + new length.
+    ``window``: each query over the last ``window`` positions up to its own."""
     fn = PAGED_PREFILL_ATTENTION.pick(q, k_cache, v_cache)
+    extra = {} if window is None else {"window": window}
     return fn(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q,
-              softmax_scale=softmax_scale)
+              softmax_scale=softmax_scale, **extra)
 
 
 ATTENTION_VARLEN.register("triton", attention_kernels.flash_attention_varlen,

@@ -1,0 +1,245 @@
+"""Mixture of SwiGLU experts: top-k routing, a fused grouped-GEMM kernel, its reference.
+
+Each token goes to ``top_k`` of ``E`` experts; expert ``e`` computes
+``down[e] @ (silu(gate[e] @ x) * (up[e] @ x))`` and the token's output is the sum of
+its experts' outputs times their routing weights.
+
+The Triton path (:func:`fused_moe`) groups the ``T·top_k`` (token, expert) pairs by
+expert, each expert's run padded to a multiple of ``BLOCK_M`` rows, so every row block
+of the grouped problem belongs to one expert. Two launches cover all experts at once:
+
+1. gate/up: each program multiplies a block of gathered token rows by one expert's
+   ``[gate | up]`` weight columns and writes ``silu(gate) * up`` (the SwiGLU fused);
+2. down: each program multiplies a block of those rows by the expert's down weight,
+   scales each row by its routing weight and writes it to the pair's slot of a
+   ``(T, top_k, hidden)`` buffer, whose sum over ``top_k`` (a fixed order, so the
+   result does not depend on which other tokens share the batch) is the output.
+
+The grouping needs no host synchronisation: the grid covers the worst case
+``T·top_k + E·(BLOCK_M - 1)`` rows and blocks past the last expert's run exit at once.
+The plain-PyTorch :func:`moe_reference` loops over the experts that have tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._utils import check_tensor, check_triton_device, interpreting
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def route_topk(router_logits: torch.Tensor, top_k: int, normalize: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``top_k`` experts of each token by softmax probability.
+
+    ``router_logits: (T, E)`` any float dtype. Returns ``weights: (T, top_k)`` fp32 (the
+    softmax probabilities of the chosen experts, rescaled to sum to 1 when
+    ``normalize``: Mixtral, Qwen3-MoE with ``norm_topk_prob``) and ``experts: (T, top_k)``
+    int64, in descending weight order.
+    """
+    check_tensor("router_logits", router_logits, dtypes=_DTYPES, ndim=2)
+    num_experts = router_logits.shape[1]
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 < top_k <= num_experts:
+        raise ValueError(f"top_k must be an int in [1, experts={num_experts}], got {top_k!r}")
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def _check_moe(x, up_proj, down_proj, weights, experts) -> tuple[int, int, int, int]:
+    check_tensor("x", x, dtypes=(*_DTYPES, torch.float64), ndim=2)
+    check_tensor("up_proj", up_proj, dtypes=(x.dtype,), ndim=3, device=x.device)
+    check_tensor("down_proj", down_proj, dtypes=(x.dtype,), ndim=3, device=x.device)
+    check_tensor("weights", weights, dtypes=(*_DTYPES, torch.float64), ndim=2, device=x.device)
+    check_tensor("experts", experts, dtypes=(torch.int32, torch.int64), ndim=2, device=x.device)
+    tokens, hidden = x.shape
+    num_experts, two_width, up_hidden = up_proj.shape
+    width = two_width // 2
+    if up_hidden != hidden or two_width % 2:
+        raise ValueError(f"up_proj must be (experts, 2*width, hidden={hidden}), "
+                         f"got {tuple(up_proj.shape)}")
+    if tuple(down_proj.shape) != (num_experts, hidden, width):
+        raise ValueError(f"down_proj must be (experts={num_experts}, hidden={hidden}, "
+                         f"width={width}), got {tuple(down_proj.shape)}")
+    if weights.shape != experts.shape or weights.shape[0] != tokens:
+        raise ValueError(f"weights and experts must both be (tokens={tokens}, top_k), got "
+                         f"{tuple(weights.shape)} and {tuple(experts.shape)}")
+    if experts.numel() and (int(experts.min()) < 0 or int(experts.max()) >= num_experts):
+        raise ValueError(f"experts must hold ids in [0, {num_experts}), got "
+                         f"[{int(experts.min())}, {int(experts.max())}]")
+    return tokens, hidden, width, num_experts
+
+
+def moe_reference(x: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
+                  weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch mixture of SwiGLU experts: one loop over the experts with tokens.
+
+    ``x: (T, hidden)``; ``up_proj: (E, 2·width, hidden)`` (each expert's gate rows then
+    its up rows); ``down_proj: (E, hidden, width)``; ``weights: (T, top_k)`` routing
+    weights, ``experts: (T, top_k)`` int expert ids. Computes in x's dtype with fp32
+    accumulation of the weighted sum; returns ``(T, hidden)`` in x's dtype.
+    """
+    tokens, hidden, width, num_experts = _check_moe(x, up_proj, down_proj, weights, experts)
+    out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
+    top_k = experts.shape[1]
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start:start + n]
+        start += n
+        rows = pairs // top_k
+        h = F.linear(x.index_select(0, rows), up_proj[e])
+        h = F.silu(h[:, :width]) * h[:, width:]
+        y = F.linear(h, down_proj[e]).float() * weights.reshape(-1)[pairs].float()[:, None]
+        out.index_add_(0, rows, y)
+    return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- Triton
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    x_ptr, w_ptr, h_ptr, pair_ptr, block_expert_ptr,
+    hidden, width, top_k, num_pairs,
+    stride_xt, stride_we, stride_wn, stride_ht,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IN_PREC: tl.constexpr,
+):
+    """Rows of one expert's run (gathered tokens) times its gate and up columns;
+    writes ``silu(gate) * up`` for columns ``[pid_n·BLOCK_N, +BLOCK_N)``."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pair_ptr + offs_m)
+    row_ok = pair < num_pairs
+    token = tl.where(row_ok, pair // top_k, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < width
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    for k0 in range(0, hidden, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < hidden
+        xs = tl.load(x_ptr + token[:, None].to(tl.int64) * stride_xt + offs_k[None, :],
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wg = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
+                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        wu = tl.load(w_base + (offs_n[None, :] + width) * stride_wn + offs_k[:, None],
+                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        gate = tl.dot(xs, wg, gate, input_precision=IN_PREC)
+        up = tl.dot(xs, wu, up, input_precision=IN_PREC)
+    h = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(h_ptr + offs_m[:, None].to(tl.int64) * stride_ht + offs_n[None, :],
+             h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _moe_down_kernel(
+    h_ptr, w_ptr, out_ptr, pair_ptr, block_expert_ptr, weight_ptr,
+    hidden, width, num_pairs,
+    stride_ht, stride_we, stride_wn, stride_ot,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IN_PREC: tl.constexpr,
+):
+    """Rows of ``silu(gate) * up`` times one expert's down columns, each row scaled by
+    its routing weight and written to its (token, slot) row of the output buffer."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pair_ptr + offs_m)
+    row_ok = pair < num_pairs
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < hidden
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    for k0 in range(0, width, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < width
+        hs = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * stride_ht + offs_k[None, :],
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wd = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
+                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(hs, wd, acc, input_precision=IN_PREC)
+    rw = tl.load(weight_ptr + tl.where(row_ok, pair, 0), mask=row_ok, other=0.0).to(tl.float32)
+    acc = acc * rw[:, None]
+    safe = tl.where(row_ok, pair, 0).to(tl.int64)
+    tl.store(out_ptr + safe[:, None] * stride_ot + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _group_by_expert(experts: torch.Tensor, num_experts: int, block_m: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair ids sorted by expert, each expert's run padded to a multiple of ``block_m``
+    (padding: ``num_pairs``), and the expert of each row block (-1 past the last run).
+    Sized for the worst case, so nothing is read back to the host."""
+    flat = experts.reshape(-1)
+    num_pairs = flat.numel()
+    device = flat.device
+    max_rows = num_pairs + num_experts * (block_m - 1)
+    max_rows = triton.cdiv(max_rows, block_m) * block_m
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    run_start = torch.cumsum(padded, 0) - padded  # first row of each expert's run
+    rank_start = torch.cumsum(counts, 0) - counts  # first sorted pair of each expert
+    sorted_expert = flat[order]
+    rank = torch.arange(num_pairs, device=device)
+    dest = run_start[sorted_expert] + (rank - rank_start[sorted_expert])
+    pairs = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=device)
+    pairs[dest] = order.to(torch.int32)
+    block_first_row = torch.arange(0, max_rows, block_m, device=device)
+    run_end = run_start + padded
+    block_expert = torch.searchsorted(run_end, block_first_row, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return pairs, block_expert
+
+
+def fused_moe(x: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
+              weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Mixture of SwiGLU experts in two grouped-GEMM launches (Triton); same contract as
+    :func:`moe_reference`: ``x (T, hidden)`` fp32/fp16/bf16, ``up_proj (E, 2·width, hidden)``,
+    ``down_proj (E, hidden, width)``, ``weights, experts (T, top_k)``. Inference only (no
+    backward). Returns ``(T, hidden)`` in x's dtype."""
+    check_tensor("x", x, dtypes=_DTYPES)
+    tokens, hidden, width, num_experts = _check_moe(x, up_proj, down_proj, weights, experts)
+    for name, t in (("x", x), ("up_proj", up_proj), ("down_proj", down_proj)):
+        check_triton_device(name, t)
+    x, up_proj, down_proj = x.contiguous(), up_proj.contiguous(), down_proj.contiguous()
+    top_k = experts.shape[1]
+    num_pairs = tokens * top_k
+    if num_pairs == 0:
+        return x.new_zeros(tokens, hidden)
+    block_m, block_n, block_k = (16, 16, 16) if interpreting() else (64, 64, 32)
+    pairs, block_expert = _group_by_expert(experts, num_experts, block_m)
+    rows = pairs.numel()
+    h = torch.empty(rows, width, dtype=x.dtype, device=x.device)
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    _moe_gate_up_kernel[(rows // block_m, triton.cdiv(width, block_n))](
+        x, up_proj, h, pairs, block_expert, hidden, width, top_k, num_pairs,
+        x.stride(0), up_proj.stride(0), up_proj.stride(1), h.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IN_PREC=prec,
+    )
+    partial = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
+    _moe_down_kernel[(rows // block_m, triton.cdiv(hidden, block_n))](
+        h, down_proj, partial, pairs, block_expert, weights.contiguous().float(),
+        hidden, width, num_pairs,
+        h.stride(0), down_proj.stride(0), down_proj.stride(1), partial.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IN_PREC=prec,
+    )
+    return partial.view(tokens, top_k, hidden).sum(dim=1).to(x.dtype)
