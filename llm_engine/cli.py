@@ -17,6 +17,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--quantization", default="auto",
+                   choices=["auto", "none", "q8_0", "q4_0", "q4_1"],
+                   help="auto: a GGUF file's weights stay in their quantized types on the CPU; "
+                        "none: full precision; q8_0/q4_0/q4_1: quantize at load")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -56,7 +60,8 @@ def _load(args: argparse.Namespace):
     from llm_engine import LLM
 
     dtype = DTYPES[args.dtype] if args.dtype else None
-    return LLM(model=args.model, device=args.device, dtype=dtype)
+    return LLM(model=args.model, device=args.device, dtype=dtype,
+               quantization=args.quantization)
 
 
 def _params(args: argparse.Namespace):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_engine import _C
+from llm_engine.quant import ROUNDED_ACTIVATION_TYPES, QuantizedWeight
 
 # Modules, not names: ``llm_engine.kernels`` re-exports functions that share their
 # module's name (``layer_norm``, ``paged_attention``), so attribute import is ambiguous.
@@ -57,8 +58,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ``F.linear`` (cuBLAS on CUDA).
 
     ``packed``: the weight's :class:`PackedWeight` cache, used when no gradient is
-    needed (inference), where oneDNN applies.
+    needed (inference), where oneDNN applies. A :class:`~llm_engine.quant.QuantizedWeight`
+    goes to :func:`quantized_linear`.
     """
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight, bias)
     if not _onednn_linear_ok(x, weight, bias):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
@@ -76,6 +80,76 @@ _LINEAR_POINTWISE = (torch.ops.mkldnn._linear_pointwise.default
 _REORDER_WEIGHT = (torch.ops.mkldnn._reorder_linear_weight.default
                    if _LINEAR_POINTWISE is not None
                    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") else None)
+
+
+# From this many rows on, a quantized linear on the CPU dequantizes its weight (in tiles
+# of at most _QUANT_TILE floats) and runs oneDNN's fp32 GEMM, compute-bound there;
+# below, the C++ kernel reads the quantized blocks directly (``llm-engine bench quant``).
+QUANT_GEMM_MIN_ROWS = 64
+_QUANT_TILE = 1 << 21
+
+
+def quantized_linear(x: torch.Tensor, weight: QuantizedWeight,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (..., in) @ W.T + bias (out,)`` for a quantized ``W (out, in)``, in ``x``'s dtype.
+
+    CPU fp32 inference: the C++ kernel ``_C.quant_matmul`` on the blocks for fewer than
+    :data:`QUANT_GEMM_MIN_ROWS` rows, else the weight dequantized tile by tile into a
+    scratch buffer and oneDNN's GEMM. For Q8_0/Q4_0/Q4_1 both round ``x`` to int8 levels
+    per 32-value block first (:func:`llm_engine.quant.quant_matmul_reference` is their
+    math), so a row's result does not depend on how many rows share the call. Elsewhere
+    (other dtypes, CUDA, a gradient wanted for ``x``): :func:`quantized_linear_reference`.
+    """
+    if x.dim() == 0 or x.shape[-1] != weight.in_features:
+        raise ValueError(f"x must be (..., {weight.in_features}) for a weight of shape "
+                         f"{weight.shape}, got {tuple(x.shape)}")
+    if not (_native_ok(x, bias) and weight.blocks.is_cpu and not _triton(x)
+            and (bias is None or bias.shape == (weight.out_features,))):
+        return quantized_linear_reference(x, weight, bias)
+    x2 = _rows(x)
+    rows, n = x2.shape[0], weight.out_features
+    threads = torch.get_num_threads()
+    if rows >= QUANT_GEMM_MIN_ROWS and _LINEAR_POINTWISE is not None:
+        tile = max(1, _QUANT_TILE // weight.in_features)
+        out = None if n <= tile else x2.new_empty(rows, n)
+        scratch = x2.new_empty(min(n, tile), weight.in_features)
+        if weight.qtype in ROUNDED_ACTIVATION_TYPES:  # the kernel's numbers, row for row
+            rounded = torch.empty_like(x2)
+            _C.quant_round_activations(rounded.numpy(), x2.numpy(), threads)
+            x2 = rounded
+        for a in range(0, n, tile):
+            b = min(n, a + tile)
+            w = scratch[:b - a]
+            _C.quant_dequantize(w.numpy(), weight.blocks[a:b].numpy(), weight.qtype, threads)
+            y = _onednn_mm(x2, w, None if bias is None else bias[a:b])
+            if out is None:
+                out = y
+            else:
+                out[:, a:b] = y
+    else:
+        out = x2.new_empty(rows, n)
+        _C.quant_matmul(out.numpy(), x2.numpy(), weight.blocks.numpy(), weight.qtype, threads)
+        if bias is not None:
+            out += bias
+    return out.view(*x.shape[:-1], n)
+
+
+def quantized_linear_reference(x: torch.Tensor, weight: QuantizedWeight,
+                               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize (:func:`llm_engine.quant.dequantize`) then ``F.linear``, in ``x``'s dtype."""
+    w = weight.dequantize().to(device=x.device, dtype=x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def dequantize(weight: QuantizedWeight) -> torch.Tensor:
+    """The fp32 ``(out, in)`` weight: the C++ kernel on the CPU, else the reference."""
+    if not weight.blocks.is_cpu:
+        return weight.dequantize()
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    if out.numel():
+        _C.quant_dequantize(out.numpy(), weight.blocks.numpy(), weight.qtype,
+                            torch.get_num_threads())
+    return out
 
 
 class PackedWeight:

@@ -30,6 +30,9 @@ class LLM:
         seed: seeds the requests that bring no seed of their own, so a run of the
             same requests is reproducible.
         enforce_eager: never use CUDA graphs for decode.
+        quantization: ``"auto"`` (a GGUF file's weights stay in their quantized types on
+            the CPU), ``"none"`` (full precision) or ``"q8_0"`` / ``"q4_0"`` / ``"q4_1"``
+            (quantize at load); see ``load_model``.
     """
 
     def __init__(
@@ -45,10 +48,12 @@ class LLM:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         enforce_eager: bool = False,
+        quantization: str = "auto",
     ) -> None:
         from llm_engine.loader import load_model
 
-        module, tokenizer = load_model(model, device=device, dtype=dtype)
+        module, tokenizer = load_model(model, device=device, dtype=dtype,
+                                       quantization=quantization)
         self._setup(module, tokenizer, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                     kv_cache_memory=kv_cache_memory,
