@@ -22,6 +22,7 @@ from .paged_attention import (
     store_kv_cache,
     store_kv_cache_reference,
 )
+from .quant_matmul import quant_matmul, quant_matmul_reference
 from .sampling import filtered_probs_reference, sample, sample_reference
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "paged_attention_reference",
     "paged_prefill_attention",
     "paged_prefill_attention_reference",
+    "quant_matmul",
+    "quant_matmul_reference",
     "rms_norm",
     "rms_norm_reference",
     "sample",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_engine import _C
-from llm_engine.quant import ROUNDED_ACTIVATION_TYPES, QuantizedWeight
+from llm_engine.quant import QuantizedWeight
 
 # Modules, not names: ``llm_engine.kernels`` re-exports functions that share their
 # module's name (``layer_norm``, ``paged_attention``), so attribute import is ambiguous.
@@ -95,10 +95,9 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight,
 
     CPU fp32 inference: the C++ kernel ``_C.quant_matmul`` on the blocks for fewer than
     :data:`QUANT_GEMM_MIN_ROWS` rows, else the weight dequantized tile by tile into a
-    scratch buffer and oneDNN's GEMM. For Q8_0/Q4_0/Q4_1 both round ``x`` to int8 levels
-    per 32-value block first (:func:`llm_engine.quant.quant_matmul_reference` is their
-    math), so a row's result does not depend on how many rows share the call. Elsewhere
-    (other dtypes, CUDA, a gradient wanted for ``x``): :func:`quantized_linear_reference`.
+    scratch buffer and oneDNN's GEMM. Both keep ``x`` in fp32, so a row's result differs
+    between them only by the order of its sums. Elsewhere (other dtypes, CUDA, a
+    gradient wanted for ``x``): :func:`quantized_linear_reference`.
     """
     if x.dim() == 0 or x.shape[-1] != weight.in_features:
         raise ValueError(f"x must be (..., {weight.in_features}) for a weight of shape "
@@ -113,10 +112,6 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight,
         tile = max(1, _QUANT_TILE // weight.in_features)
         out = None if n <= tile else x2.new_empty(rows, n)
         scratch = x2.new_empty(min(n, tile), weight.in_features)
-        if weight.qtype in ROUNDED_ACTIVATION_TYPES:  # the kernel's numbers, row for row
-            rounded = torch.empty_like(x2)
-            _C.quant_round_activations(rounded.numpy(), x2.numpy(), threads)
-            x2 = rounded
         for a in range(0, n, tile):
             b = min(n, a + tile)
             w = scratch[:b - a]

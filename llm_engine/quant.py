@@ -28,9 +28,6 @@ QUANT_TYPES: dict[str, tuple[int, int]] = {
 }
 # Types full-precision weights can be quantized to at load.
 QUANTIZE_TO = ("q8_0", "q4_0", "q4_1")
-# Types whose CPU kernels round the activations to int8 levels per 32-value block and
-# take integer dot products (as llama.cpp does); the K-quants' kernels use fp32 x.
-ROUNDED_ACTIVATION_TYPES = ("q8_0", "q4_0", "q4_1")
 QK_K = 256
 
 
@@ -200,23 +197,3 @@ def quantize(weight: torch.Tensor, qtype: str) -> QuantizedWeight:
         out = torch.cat([f16_bytes(d), f16_bytes(mn), pack(q)], dim=1)
     return QuantizedWeight(qtype, out.reshape(out_f, -1).contiguous(), in_f)
 
-
-def round_activations(x: torch.Tensor) -> torch.Tensor:
-    """``x (..., k)`` fp32 with every 32-value block rounded to int8 levels: ``q * d`` with
-    ``d = max|block| / 127`` and ``q = round(x / d)`` (half to even), the activations the
-    Q8_0/Q4_0/Q4_1 CPU kernels multiply. ``k`` must be a multiple of 32."""
-    if x.dim() == 0 or x.shape[-1] % 32:
-        raise ValueError(f"x's last dimension must be a multiple of 32, got {tuple(x.shape)}")
-    b = x.to(torch.float32).reshape(-1, 32)
-    d = b.abs().amax(dim=1, keepdim=True) / 127
-    inv = torch.where(d > 0, 1 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
-    return (torch.round(b * inv) * d).reshape(x.shape)
-
-
-def quant_matmul_reference(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
-    """What the CPU kernels compute for ``x (m, k) @ W.T``, in fp64: ``x`` rounded by
-    :func:`round_activations` for the types in :data:`ROUNDED_ACTIVATION_TYPES`, times
-    the dequantized weight."""
-    if weight.qtype in ROUNDED_ACTIVATION_TYPES:
-        x = round_activations(x)
-    return x.double() @ weight.dequantize().double().T

@@ -304,21 +304,6 @@ void quant_dequantize_py(const py::handle& out_obj, const py::handle& blocks_obj
   quant_dequantize(out_data, w.data(), type, w.shape(0), out.shape(1), num_threads);
 }
 
-void quant_round_activations_py(const py::handle& out_obj, const py::handle& x_obj,
-                                int num_threads) {
-  auto out = expect_array<float>(out_obj, "out", "float32", 2);
-  auto x = expect_array<float>(x_obj, "x", "float32", 2);
-  expect_same_shape(out, "out", x, "x");
-  if (x.shape(1) % 32 != 0) {
-    throw py::value_error("x's last dimension must be a multiple of 32, got " + shape_of(x_obj));
-  }
-  expect_writeable(out, "out");
-  expect_threads(num_threads);
-  float* out_data = out.mutable_data();
-  py::gil_scoped_release release;
-  quant_round_activations(out_data, x.data(), x.shape(0), x.shape(1), num_threads);
-}
-
 }  // namespace
 
 void register_cpu_kernels(py::module_& m) {
@@ -356,16 +341,11 @@ void register_cpu_kernels(py::module_& m) {
         "q6_k), fp32, written into out.\n\n"
         "x: (m, k) C-contiguous float32, k a multiple of the block size; blocks: (n, k / block *\n"
         "block_bytes) C-contiguous uint8, one weight row each; out: (m, n) float32, contiguous\n"
-        "within a row (rows may be apart: a column slice of a wider output), not overlapping x.\n"
-        "Q8_0/Q4_0/Q4_1 quantize x per 32-value block to int8 and take integer dot products.");
+        "within a row (rows may be apart: a column slice of a wider output), not overlapping x.");
   m.def("quant_dequantize", &quant_dequantize_py, py::arg("out"), py::arg("blocks"),
         py::arg("qtype"), py::arg("num_threads") = 1,
         "The fp32 weight of GGUF blocks, written into out (rows, k) C-contiguous float32;\n"
         "blocks: (rows, k / block * block_bytes) C-contiguous uint8.");
-  m.def("quant_round_activations", &quant_round_activations_py, py::arg("out"), py::arg("x"),
-        py::arg("num_threads") = 1,
-        "x (m, k) float32 with each 32-value block rounded to int8 levels (scale max|x| / 127)\n"
-        "as quant_matmul's Q8_0/Q4_0/Q4_1 route does, written into out (m, k); may be x.");
 }
 
 }  // namespace llm_engine

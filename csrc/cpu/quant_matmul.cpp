@@ -109,75 +109,47 @@ void dequantize_block(QuantType type, const uint8_t* b, float* out) {
   }
 }
 
-// ---------------------------------------------------------------- integer route
-// x rows quantized per 32-value block: q (m, k) int8; d (m, k / 32) scales; s (m, k / 32)
-// = d * sum(q) of the block (the term a weight block's offset multiplies).
-struct QuantizedRows {
-  std::vector<int8_t> q;
-  std::vector<float> d;
-  std::vector<float> s;
-};
-
-// One 32-value block v -> q (int8, round to nearest even) with scale amax / 127; returns
-// the scale and adds sum(q) to *sum.
-inline float quantize_block(const float* v, int8_t* q, int* sum) {
-  float amax = 0.0f;
-  for (int64_t l = 0; l < kQ; ++l) amax = std::max(amax, std::fabs(v[l]));
-  const float d = amax / 127.0f;
-  const float id = d > 0.0f ? 1.0f / d : 0.0f;
-  for (int64_t l = 0; l < kQ; ++l) {
-    q[l] = static_cast<int8_t>(std::nearbyint(v[l] * id));
-    *sum += q[l];
-  }
-  return d;
-}
-
-QuantizedRows quantize_rows(const float* x, int64_t m, int64_t k) {
-  const int64_t nb = k / kQ;
-  QuantizedRows r{std::vector<int8_t>(m * k), std::vector<float>(m * nb), std::vector<float>(m * nb)};
-  for (int64_t i = 0; i < m * nb; ++i) {
-    int sum = 0;
-    r.d[i] = quantize_block(x + i * kQ, &r.q[i * kQ], &sum);
-    r.s[i] = r.d[i] * static_cast<float>(sum);
-  }
-  return r;
-}
-
-// Per weight block: its scale dw, the factor of the x block's s (the offset term), and
-// the integer dot product with an x block.
+// ---------------------------------------------------------------- Q8_0 / Q4_0 / Q4_1
+// Per weight block and x row: dw * sum_l q_l x_l, plus mw * sum_l x_l for Q4_1 (the
+// block's offset times the x block's sum, `xsum`, computed once per call).
 template <QuantType T>
-inline float block_offset(const uint8_t* b, float dw) {
-  if constexpr (T == QuantType::kQ4_0) return -8.0f * dw;
-  if constexpr (T == QuantType::kQ4_1) return fp16_to_fp32(b + 2);
-  return 0.0f;
+constexpr int64_t block_bytes() {
+  return T == QuantType::kQ8_0 ? 34 : T == QuantType::kQ4_0 ? 18 : 20;
 }
 
+// The integer levels of one block: Q8_0's int8 values, Q4_0's nibbles - 8, Q4_1's nibbles.
 template <QuantType T>
-inline int block_dot_scalar(const uint8_t* b, const int8_t* x) {
-  int sum = 0;
+inline void block_levels(const uint8_t* b, float* q) {
   if constexpr (T == QuantType::kQ8_0) {
-    for (int64_t l = 0; l < kQ; ++l) sum += static_cast<int8_t>(b[2 + l]) * x[l];
+    for (int64_t l = 0; l < kQ; ++l) q[l] = static_cast<float>(static_cast<int8_t>(b[2 + l]));
   } else {
+    constexpr int bias = T == QuantType::kQ4_0 ? 8 : 0;
     const uint8_t* qs = b + (T == QuantType::kQ4_1 ? 4 : 2);
-    for (int64_t l = 0; l < 16; ++l) sum += (qs[l] & 0xF) * x[l] + (qs[l] >> 4) * x[l + 16];
+    for (int64_t l = 0; l < 16; ++l) {
+      q[l] = static_cast<float>((qs[l] & 0xF) - bias);
+      q[l + 16] = static_cast<float>((qs[l] >> 4) - bias);
+    }
   }
-  return sum;
 }
 
-// out[i, j] for x rows [i0, i0 + MR) and the one weight row w.
+// out[(i0 + r) * out_stride] for x rows i0 .. i0 + MR - 1 and the one weight row w.
 template <QuantType T, int MR>
-void rows_dot_scalar(const uint8_t* w, int64_t nb, const QuantizedRows& x, int64_t k, int64_t i0,
-                     float* out, int64_t out_stride) {
-  constexpr int64_t bytes = T == QuantType::kQ8_0 ? 34 : T == QuantType::kQ4_0 ? 18 : 20;
+void rows_dot_generic(const uint8_t* w, int64_t nb, const float* x,
+                                            const float* xsum, int64_t k, int64_t i0,
+                                            float* out, int64_t out_stride) {
   float acc[MR] = {};
+  float q[kQ];
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w + b * bytes;
+    const uint8_t* blk = w + b * block_bytes<T>();
     const float dw = fp16_to_fp32(blk);
-    const float off = block_offset<T>(blk, dw);
+    block_levels<T>(blk, q);
     for (int r = 0; r < MR; ++r) {
-      const int64_t xb = (i0 + r) * (k / kQ) + b;
-      acc[r] += dw * x.d[xb] * static_cast<float>(block_dot_scalar<T>(blk, &x.q[xb * kQ])) +
-                off * x.s[xb];
+      const float* xb = x + (i0 + r) * k + b * kQ;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t l = 0; l < kQ; ++l) s += q[l] * xb[l];
+      acc[r] += dw * s;
+      if constexpr (T == QuantType::kQ4_1) acc[r] += fp16_to_fp32(blk + 2) * xsum[(i0 + r) * nb + b];
     }
   }
   for (int r = 0; r < MR; ++r) out[(i0 + r) * out_stride] = acc[r];
@@ -197,15 +169,13 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The same sums with the block's 32 levels expanded to four 8-float registers once and
+// shared by the MR rows.
 template <QuantType T, int MR>
 __attribute__((target("avx2,fma,f16c"))) void rows_dot_avx2(const uint8_t* w, int64_t nb,
-                                                       const QuantizedRows& x, int64_t k,
-                                                       int64_t i0, float* out,
-                                                       int64_t out_stride) {
-  constexpr int64_t bytes = T == QuantType::kQ8_0 ? 34 : T == QuantType::kQ4_0 ? 18 : 20;
-  const int64_t xnb = k / kQ;
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
+                                                            const float* x, const float* xsum,
+                                                            int64_t k, int64_t i0, float* out,
+                                                            int64_t out_stride) {
   __m256 acc[MR];
   float off_acc[MR];
   for (int r = 0; r < MR; ++r) {
@@ -213,33 +183,39 @@ __attribute__((target("avx2,fma,f16c"))) void rows_dot_avx2(const uint8_t* w, in
     off_acc[r] = 0.0f;
   }
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = w + b * bytes;
-    const float dw = fp16_to_fp32_f16c(blk);
-    float off = 0.0f;
-    if constexpr (T == QuantType::kQ4_0) off = -8.0f * dw;
-    if constexpr (T == QuantType::kQ4_1) off = fp16_to_fp32_f16c(blk + 2);
-    __m256i wv;
+    const uint8_t* blk = w + b * block_bytes<T>();
+    const __m256 dw = _mm256_set1_ps(fp16_to_fp32_f16c(blk));
+    __m256 q[4];
     if constexpr (T == QuantType::kQ8_0) {
-      wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+      for (int c = 0; c < 4; ++c) {
+        const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + 8 * c));
+        q[c] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+      }
     } else {
       const __m128i raw =
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (T == QuantType::kQ4_1 ? 4 : 2)));
-      const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(raw),
-                                                   _mm_srli_epi16(raw, 4), 1);
-      wv = _mm256_and_si256(both, low4);
+      const __m128i low4 = _mm_set1_epi8(0x0F);
+      __m128i lo = _mm_and_si128(raw, low4);
+      __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+      if constexpr (T == QuantType::kQ4_0) {
+        lo = _mm_sub_epi8(lo, _mm_set1_epi8(8));
+        hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
+      }
+      q[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+      q[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
+      q[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+      q[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
     }
     for (int r = 0; r < MR; ++r) {
-      const int64_t xb = (i0 + r) * xnb + b;
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&x.q[xb * kQ]));
-      __m256i p16;
-      if constexpr (T == QuantType::kQ8_0) {
-        p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-      } else {
-        p16 = _mm256_maddubs_epi16(wv, xv);
+      const float* xb = x + (i0 + r) * k + b * kQ;
+      __m256 s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb));
+      s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xb + 8), s);
+      s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xb + 16), s);
+      s = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xb + 24), s);
+      acc[r] = _mm256_fmadd_ps(dw, s, acc[r]);
+      if constexpr (T == QuantType::kQ4_1) {
+        off_acc[r] += fp16_to_fp32_f16c(blk + 2) * xsum[(i0 + r) * nb + b];
       }
-      const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-      acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * x.d[xb]), acc[r]);
-      if constexpr (T != QuantType::kQ8_0) off_acc[r] += off * x.s[xb];
     }
   }
   for (int r = 0; r < MR; ++r) out[(i0 + r) * out_stride] = hsum(acc[r]) + off_acc[r];
@@ -253,33 +229,43 @@ bool cpu_has_avx2() {
 #endif
 
 template <QuantType T, int MR>
-void rows_dot(const uint8_t* w, int64_t nb, const QuantizedRows& x, int64_t k, int64_t i0,
-              float* out, int64_t out_stride) {
+void rows_dot(const uint8_t* w, int64_t nb, const float* x, const float* xsum, int64_t k,
+              int64_t i0, float* out, int64_t out_stride) {
 #if LLM_ENGINE_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) return rows_dot_avx2<T, MR>(w, nb, x, k, i0, out, out_stride);
+  if (cpu_has_avx2()) return rows_dot_avx2<T, MR>(w, nb, x, xsum, k, i0, out, out_stride);
 #endif
-  rows_dot_scalar<T, MR>(w, nb, x, k, i0, out, out_stride);
+  rows_dot_generic<T, MR>(w, nb, x, xsum, k, i0, out, out_stride);
 }
 
-constexpr int kRowTile = 4;  // x rows per pass over a weight row (each block unpacked once)
+constexpr int kRowTile = 4;  // x rows per pass over a weight row (each block expanded once)
 
 template <QuantType T>
-void matmul_integer(float* out, int64_t out_stride, const float* x, const uint8_t* w, int64_t m,
-                    int64_t n, int64_t k, [[maybe_unused]] int num_threads) {
-  const QuantizedRows qx = quantize_rows(x, m, k);
+void matmul_blocks32(float* out, int64_t out_stride, const float* x, const uint8_t* w, int64_t m,
+                     int64_t n, int64_t k, [[maybe_unused]] int num_threads) {
   const int64_t nb = k / kQ;
-  const int64_t row_bytes = nb * quant_format(T).bytes;
+  std::vector<float> xsum;
+  if constexpr (T == QuantType::kQ4_1) {
+    xsum.resize(m * nb);
+    for (int64_t i = 0; i < m * nb; ++i) {
+      float s = 0.0f;
+      for (int64_t l = 0; l < kQ; ++l) s += x[i * kQ + l];
+      xsum[i] = s;
+    }
+  }
+  const int64_t row_bytes = nb * block_bytes<T>();
 #pragma omp parallel for if (m * n * k >= kMinParallelWork) num_threads(num_threads) \
     schedule(static)
   for (int64_t j = 0; j < n; ++j) {
     const uint8_t* wj = w + j * row_bytes;
     float* oj = out + j;
     int64_t i = 0;
-    for (; i + kRowTile <= m; i += kRowTile) rows_dot<T, kRowTile>(wj, nb, qx, k, i, oj, out_stride);
+    for (; i + kRowTile <= m; i += kRowTile) {
+      rows_dot<T, kRowTile>(wj, nb, x, xsum.data(), k, i, oj, out_stride);
+    }
     switch (m - i) {
-      case 3: rows_dot<T, 3>(wj, nb, qx, k, i, oj, out_stride); break;
-      case 2: rows_dot<T, 2>(wj, nb, qx, k, i, oj, out_stride); break;
-      case 1: rows_dot<T, 1>(wj, nb, qx, k, i, oj, out_stride); break;
+      case 3: rows_dot<T, 3>(wj, nb, x, xsum.data(), k, i, oj, out_stride); break;
+      case 2: rows_dot<T, 2>(wj, nb, x, xsum.data(), k, i, oj, out_stride); break;
+      case 1: rows_dot<T, 1>(wj, nb, x, xsum.data(), k, i, oj, out_stride); break;
       default: break;
     }
   }
@@ -351,27 +337,16 @@ void quant_dequantize(float* out, const uint8_t* blocks, QuantType type, int64_t
   }
 }
 
-void quant_round_activations(float* out, const float* x, int64_t m, int64_t k,
-                             [[maybe_unused]] int num_threads) {
-#pragma omp parallel for if (m * k >= kMinParallelWork) num_threads(num_threads) schedule(static)
-  for (int64_t i = 0; i < m * (k / kQ); ++i) {
-    int8_t q[kQ];
-    int sum = 0;
-    const float d = quantize_block(x + i * kQ, q, &sum);
-    for (int64_t l = 0; l < kQ; ++l) out[i * kQ + l] = static_cast<float>(q[l]) * d;
-  }
-}
-
 void quant_matmul(float* out, int64_t out_stride, const float* x, const uint8_t* w,
                   QuantType type, int64_t m, int64_t n, int64_t k, int num_threads) {
   if (m == 0 || n == 0) return;
   switch (type) {
     case QuantType::kQ8_0:
-      return matmul_integer<QuantType::kQ8_0>(out, out_stride, x, w, m, n, k, num_threads);
+      return matmul_blocks32<QuantType::kQ8_0>(out, out_stride, x, w, m, n, k, num_threads);
     case QuantType::kQ4_0:
-      return matmul_integer<QuantType::kQ4_0>(out, out_stride, x, w, m, n, k, num_threads);
+      return matmul_blocks32<QuantType::kQ4_0>(out, out_stride, x, w, m, n, k, num_threads);
     case QuantType::kQ4_1:
-      return matmul_integer<QuantType::kQ4_1>(out, out_stride, x, w, m, n, k, num_threads);
+      return matmul_blocks32<QuantType::kQ4_1>(out, out_stride, x, w, m, n, k, num_threads);
     default:
       return matmul_kquant(out, out_stride, x, w, type, m, n, k, num_threads);
   }

@@ -3,12 +3,12 @@
 // byte layout of GGUF files. Nothing is expanded to fp32 in memory: each block is
 // dequantized in registers where it is used.
 //
-// Q8_0, Q4_0 and Q4_1 take the integer route: every 32-value block of an x row is
-// quantized to int8 with one fp32 scale (round to nearest), and a weight block's dot
-// product with it is an int8 x int8 (or uint4 x int8) sum scaled once per block, as in
-// llama.cpp's q8 dot products (AVX2 when the CPU has it, the same integer math in
-// plain C++ otherwise). The K-quants expand each 256-value super-block to fp32 on the
-// stack and take fp32 dot products with the x rows.
+// x stays fp32 (llama.cpp rounds it to int8 per block; we do not: a row's result must
+// not jump with tiny changes of its input, or it would depend on how many rows share a
+// batch). Q8_0, Q4_0 and Q4_1: each block's 32 integer levels are expanded to fp32 in
+// registers (AVX2 when the CPU has it, plain C++ otherwise), dotted with up to 4 x rows,
+// and scaled once per block. The K-quants expand each 256-value super-block to fp32 on
+// the stack and take fp32 dot products with the x rows.
 //
 // Arrays are row-major; out's rows may be out_stride floats apart (a column slice of a
 // wider output). The caller has checked every shape (see bindings.cpp).
@@ -38,12 +38,5 @@ void quant_dequantize(float* out, const uint8_t* blocks, QuantType type, int64_t
 // out (m, n), rows out_stride apart, = x (m, k) contiguous @ W^T with W (n, k) in blocks.
 void quant_matmul(float* out, int64_t out_stride, const float* x, const uint8_t* w,
                   QuantType type, int64_t m, int64_t n, int64_t k, int num_threads);
-
-// out (m, k) = x (m, k) with every 32-value block rounded as the Q8_0 / Q4_0 / Q4_1 route
-// of quant_matmul rounds it: q * d, q = round(x / d) in [-127, 127], d = max|x| / 127.
-// A GEMM over these rows and the dequantized weight computes what quant_matmul does
-// (up to the order of the sums), so many rows can take a fast fp32 GEMM and still give,
-// row for row, the numbers a few rows get from quant_matmul. k % 32 == 0.
-void quant_round_activations(float* out, const float* x, int64_t m, int64_t k, int num_threads);
 
 }  // namespace llm_engine
