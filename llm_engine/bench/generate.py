@@ -230,12 +230,14 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
     yield from _decode_rows(llm, hf, hf_note, device, sizes, ceilings, 1, backend)
     if not cuda and model.quantized:
         from llm_engine.bench import llamacpp
-        from llm_engine.loader import KNOWN_MODELS, _known_model_file
+        from llm_engine.loader import _known_model_file
 
-        assert "smollm2" in KNOWN_MODELS
         yield from llamacpp.rows(llm, _known_model_file("smollm2"), llm.tokenizer.encode(PROMPT),
                                  sizes.decode_new, sizes.repeats, ceilings)
         yield from _quantized_vs_fp32_rows(llm, fp32_model, device, sizes, ceilings)
+        from llm_engine.bench import fidelity
+
+        yield from fidelity.rows(model, fp32_model, llm.tokenizer, _known_model_file("smollm2"))
     if cuda:
         yield from _decode_rows(llm, hf, hf_note, device, sizes, ceilings, 64, backend)
         yield from _prefill_rows(llm, hf, hf_note, device, sizes, ceilings)
