@@ -34,6 +34,7 @@ SUITES: dict[str, str] = {
     "paged_attention": "llm_engine.bench.paged_attention",
     "linear": "llm_engine.bench.linear",
     "cpu_layer_ops": "llm_engine.bench.cpu_layer_ops",
+    "quant": "llm_engine.bench.quant",
     "kv_manager": "llm_engine.bench.kv_manager",
     "generate": "llm_engine.bench.generate",
     "train": "llm_engine.bench.train",
@@ -42,7 +43,7 @@ SUITES: dict[str, str] = {
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "kernels": ("layer_norm", "attention", "sampling", "paged_attention", "linear",
-                "cpu_layer_ops", "kv_manager"),
+                "cpu_layer_ops", "quant", "kv_manager"),
     "generate": ("generate",),
     "train": ("train",),
 }
