@@ -98,8 +98,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.parts) == 1:
-            return ops.linear(x, self.parts[0], self.bias)
-        out = torch.cat([ops.linear(x, p) for p in self.parts], dim=-1)
+            return ops.quantized_linear(x, self.parts[0], self.bias)
+        out = torch.cat([ops.quantized_linear(x, p) for p in self.parts], dim=-1)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
@@ -130,7 +130,7 @@ class QuantizedEmbedding(nn.Module):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., hidden) @ weight.T``: the tied LM head."""
-        return ops.linear(x, self.qweight)
+        return ops.quantized_linear(x, self.qweight)
 
 
 class Norm(nn.Module):
