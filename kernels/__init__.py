@@ -12,7 +12,16 @@ without ``_reference`` always run Triton (on CPU tensors only under
 ``TRITON_INTERPRET=1``).
 """
 
-from . import _interpreter_compat, attention, cross_entropy, layer_norm, moe, paged_attention, sampling
+from . import (
+    _interpreter_compat,
+    attention,
+    cross_entropy,
+    layer_norm,
+    moe,
+    paged_attention,
+    quant_matmul,
+    sampling,
+)
 from ._utils import check_window, interpreting, resolve_softmax_scale
 
 if interpreting():
@@ -26,6 +35,7 @@ __all__ = [
     "layer_norm",
     "moe",
     "paged_attention",
+    "quant_matmul",
     "resolve_softmax_scale",
     "sampling",
 ]

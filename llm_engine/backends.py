@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-ORDER = ("linear", "rms_norm", "layer_norm", "apply_rope", "store_kv_cache", "paged_attention",
-         "paged_prefill_attention", "attention_varlen", "silu_mul", "moe", "sample",
+ORDER = ("linear", "quantized_linear", "rms_norm", "layer_norm", "apply_rope", "store_kv_cache",
+         "paged_attention", "paged_prefill_attention", "attention_varlen", "silu_mul", "moe", "sample",
          "cross_entropy")
 """The table's order: as a layer runs them; ops registered later come after these."""
 TRAINING_OPS = ("linear", "rms_norm", "layer_norm", "apply_rope", "silu_mul",
@@ -41,6 +41,7 @@ def typical_calls(device: torch.device, dtype: torch.dtype, grad: bool
     ``grad``: as in training (leaves that require a gradient; decode-only ops left out)."""
     from llm_engine import ops
     from llm_engine.config import ModelConfig
+    from llm_engine.quant import QuantizedWeight
 
     c = ModelConfig()
     tokens, blocks, block_size = 4, 8, 16
@@ -60,6 +61,9 @@ def typical_calls(device: torch.device, dtype: torch.dtype, grad: bool
     slots = torch.arange(tokens, device=device)
     calls = {
         "linear": ((x, t(c.intermediate_size, c.hidden_size)), {}),
+        "quantized_linear": ((x, QuantizedWeight(
+            "q4_1", torch.zeros(c.intermediate_size, c.hidden_size // 32 * 20, dtype=torch.uint8,
+                                device=device), c.hidden_size)), {}),
         "rms_norm": ((x, w, c.norm_eps), {"residual": t(tokens, c.hidden_size)}),
         "layer_norm": ((x, w, t(c.hidden_size), c.norm_eps), {}),
         "apply_rope": ((q if not grad else t(tokens, c.num_heads, c.head_dim), cos, sin), {}),

@@ -7,13 +7,19 @@ import sys
 import time
 
 from llm_engine.backends import add_backend_arg, apply_backend_args
-from llm_engine.engine.config import DTYPES, add_engine_args, engine_config_from_args
+from llm_engine.engine.config import (
+    DTYPES,
+    add_engine_args,
+    add_quantization_arg,
+    engine_config_from_args,
+)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """``--model`` and the engine's options; these commands run one sequence at a time."""
     p.add_argument("--model", default="smollm2", help="model name, .gguf file or checkpoint dir")
     add_engine_args(p, max_num_seqs=1)
+    add_quantization_arg(p)
     add_backend_arg(p)
 
 
@@ -63,7 +69,8 @@ def _load(args: argparse.Namespace):
     from llm_engine import LLM
 
     apply_backend_args(args.backend)
-    return LLM(model=args.model, config=engine_config_from_args(args))
+    return LLM(model=args.model, config=engine_config_from_args(args),
+               quantization=args.quantization)
 
 
 def _params(args: argparse.Namespace):

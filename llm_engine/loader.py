@@ -19,16 +19,24 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from llm_engine import ops
 from llm_engine.config import ModelConfig
-from llm_engine.model import Transformer
+from llm_engine.model import QuantizedEmbedding, QuantizedLinear, Transformer
+from llm_engine.quant import QUANT_TYPES, QUANTIZE_TO, QuantizedWeight
 from llm_engine.tokenizer import Tokenizer
 
 CONFIG_FILE = "llm_engine_config.json"
 WEIGHTS_FILE = "model.safetensors"
+# A GGUF conversion keeps quantized tensors as their blocks: ``{name}.qblocks{i}`` (uint8)
+# with ``[[qtype, in_features], ...]`` per name in this safetensors metadata entry.
+QUANT_METADATA = "llm_engine.quantized"
+# Bumped when the cache's layout changes, so that older caches are converted anew.
+CACHE_FORMAT = "2"
+QUANTIZATION_MODES = ("auto", "none", *QUANT_TYPES)
 
 # Built-in model names -> (python package holding the file, file name, install hint).
 KNOWN_MODELS: dict[str, tuple[str, str, str]] = {
@@ -160,16 +168,28 @@ def load_model(
     name_or_path: str = "smollm2",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    quantization: str = "auto",
 ) -> tuple[Transformer, Tokenizer]:
     """Load a model and its tokenizer, in eval mode on ``device`` in ``dtype``.
 
     ``name_or_path``: a built-in name (``"smollm2"``), a ``.gguf`` file, one of our
     checkpoint directories, or an HF-style directory (config.json + *.safetensors +
     tokenizer.json) of a GPT-2 or Llama model. GGUF files are converted once and the
-    result cached under :func:`cache_root`, so later loads are fast.
+    result cached under :func:`cache_root` (quantized tensors as their blocks), so later
+    loads are fast.
+
+    ``quantization``: ``"auto"`` keeps a GGUF file's quantized weights in their own
+    types on the CPU (full precision elsewhere, and for full-precision checkpoints);
+    ``"none"`` dequantizes everything; ``"q8_0"``, ``"q4_0"`` or ``"q4_1"`` quantize
+    every linear weight and the embedding to that type at load (a GGUF file's weights
+    are dequantized first). A quantized model is for inference only.
     """
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"model must be a model name or a path, got {name_or_path!r}")
+    if quantization not in QUANTIZATION_MODES or quantization in QUANT_TYPES and (
+            quantization not in QUANTIZE_TO):
+        raise ValueError(f"quantization must be one of {('auto', 'none', *QUANTIZE_TO)}, "
+                         f"got {quantization!r}")
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     directory = _resolve(name_or_path)
@@ -177,14 +197,35 @@ def load_model(
     tokenizer = Tokenizer.load(directory)
     with torch.device("meta"):
         model = Transformer(config)
-    state = _load_safetensors(os.path.join(directory, WEIGHTS_FILE))
+    state, quantized = _load_converted(os.path.join(directory, WEIGHTS_FILE))
+    keep = quantization == "auto" and device.type == "cpu" and dtype == torch.float32
+    if not keep:  # full precision first (then perhaps quantized anew, below)
+        for name, parts in quantized.items():
+            state[name] = torch.cat([ops.dequantize(p) for p in parts])
+        quantized = {}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"{directory}: weights do not fit its config: {e}") from e
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+        quantized.pop("lm_head.weight", None)
+    for name, parts in quantized.items():
+        module = name.removesuffix(".weight")
+        if module == "embed_tokens":
+            if len(parts) != 1:
+                raise ValueError(f"{directory}: the embedding must be one quantized tensor")
+            model.embed_tokens = QuantizedEmbedding(parts[0])
+        else:
+            model.set_submodule(module, QuantizedLinear(parts, state.pop(f"{module}.bias", None)))
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state) - {k for k in expected if ".blocks" in k
+                                              or k.startswith("blocks")})
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{directory}: weights do not fit its config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model = model.to(device=device, dtype=dtype).eval()
+    if quantization in QUANTIZE_TO:
+        model.quantize(quantization)
+    return model, tokenizer
 
 
 def save_pretrained(model: Transformer, tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
@@ -252,7 +293,7 @@ def _known_model_file(name: str) -> str:
 def _cached_conversion(source: str, convert: Callable[[str, str], None]) -> str:
     """The cache directory for ``source``, converting into it first if absent."""
     stat = os.stat(source)
-    key = f"{os.path.abspath(source)}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{os.path.abspath(source)}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_FORMAT}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     name = os.path.basename(os.path.normpath(source)).removesuffix(".gguf")
     target = os.path.join(cache_root(), f"{name}-{digest}")
@@ -270,19 +311,37 @@ def _cached_conversion(source: str, convert: Callable[[str, str], None]) -> str:
 
 
 def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    return _load_converted(path, allow_quantized=False)[0]
+
+
+def _load_converted(path: str, allow_quantized: bool = True
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, list[QuantizedWeight]]]:
+    """The full-precision tensors of a safetensors file, and its quantized ones (our
+    GGUF cache: see :data:`QUANT_METADATA`) as their parts by name."""
     try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(QUANT_METADATA, "{}"))
+            if meta and not allow_quantized:
+                raise ValueError("quantized tensors where full-precision ones are expected")
+            keys = set(f.keys())
+            quantized = {name: [QuantizedWeight(qtype, f.get_tensor(f"{name}.qblocks{i}"), k)
+                                for i, (qtype, k) in enumerate(parts)]
+                         for name, parts in meta.items()}
+            taken = {f"{name}.qblocks{i}" for name, parts in meta.items() for i in range(len(parts))}
+            state = {k: f.get_tensor(k) for k in keys - taken}
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError) as e:
         raise ValueError(f"corrupt or truncated safetensors file {path}: {e}") from e
+    return state, quantized
 
 
 def _map_names(
     table: dict[str, tuple[str, ...]],
     config: ModelConfig,
-    get: Callable[[str], torch.Tensor | None],
-) -> dict[str, torch.Tensor]:
-    """Build our state dict from a source, following one name table."""
-    state: dict[str, torch.Tensor] = {}
+    get: Callable[[str], torch.Tensor | QuantizedWeight | None],
+) -> dict[str, torch.Tensor | list[QuantizedWeight]]:
+    """Build our state dict from a source, following one name table. Quantized source
+    tensors give a list of parts (consecutive ones of the same type merged)."""
+    state: dict[str, torch.Tensor | list[QuantizedWeight]] = {}
     jobs = [(ours, sources, i) for ours, sources in table.items()
             for i in (range(config.num_layers) if "{i}" in ours else [None])]
 
@@ -293,6 +352,8 @@ def _map_names(
         missing = [n for n, t in zip(names, tensors, strict=True) if t is None]
         if missing:
             raise ValueError(f"checkpoint is missing tensors {missing}")
+        if any(isinstance(t, QuantizedWeight) for t in tensors):
+            return _quantized_parts(tensors, names)
         if len(tensors) == 1:
             return tensors[0]
         return torch.cat(tensors, 1 if tensors[0].dim() == 3 else 0)
@@ -313,8 +374,24 @@ def _map_names(
     return state
 
 
-def _save_converted(config: ModelConfig, state: dict[str, torch.Tensor], tokenizer: Tokenizer,
-                    out_dir: str) -> None:
+def _quantized_parts(tensors: list, names: list[str]) -> list[QuantizedWeight]:
+    """Source tensors stacked along rows as quantized parts, same-type neighbours merged."""
+    if not all(isinstance(t, QuantizedWeight) for t in tensors):
+        raise ValueError(f"tensors {names} must be all quantized or all full precision")
+    parts = [tensors[0]]
+    for t in tensors[1:]:
+        last = parts[-1]
+        if t.qtype == last.qtype and t.in_features == last.in_features:
+            parts[-1] = QuantizedWeight(t.qtype, torch.cat([last.blocks, t.blocks]), t.in_features)
+        else:
+            parts.append(t)
+    return parts
+
+
+def _save_converted(config: ModelConfig,
+                    state: dict[str, torch.Tensor | list[QuantizedWeight]],
+                    tokenizer: Tokenizer, out_dir: str) -> None:
+    """Write a conversion: full-precision tensors as fp32, quantized ones as their blocks."""
     with torch.device("meta"):
         expected = set(Transformer(config).state_dict())
     missing = expected - set(state)
@@ -323,8 +400,16 @@ def _save_converted(config: ModelConfig, state: dict[str, torch.Tensor], tokeniz
         raise ValueError(f"weights do not fit the config: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     config.save(os.path.join(out_dir, CONFIG_FILE))
-    save_file({k: v.float().contiguous() for k, v in state.items()},
-              os.path.join(out_dir, WEIGHTS_FILE))
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, list[list]] = {}
+    for k, v in state.items():
+        if isinstance(v, list):
+            meta[k] = [[p.qtype, p.in_features] for p in v]
+            tensors.update({f"{k}.qblocks{i}": p.blocks for i, p in enumerate(v)})
+        else:
+            tensors[k] = v.float().contiguous()
+    save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE),
+              metadata={QUANT_METADATA: json.dumps(meta)} if meta else None)
     tokenizer.save(out_dir)
 
 
@@ -349,16 +434,21 @@ def _convert_gguf(path: str, out_dir: str) -> None:
     tokens = value("tokenizer.ggml.tokens")
     tensors = {t.name: t for t in reader.tensors}
 
-    def get(name: str) -> torch.Tensor | None:
+    def get(name: str) -> torch.Tensor | QuantizedWeight | None:
         t = tensors.get(name)
         if t is None:
             return None
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        qtype = t.tensor_type.name.lower()
         try:
-            array = dequantize(t.data, t.tensor_type)
+            if qtype in QUANT_TYPES and len(shape) == 2:  # kept as its blocks
+                blocks = torch.from_numpy(np.array(t.data, dtype=np.uint8, order="C"))
+                weight = QuantizedWeight(qtype, blocks.reshape(shape[0], -1), shape[1])
+            else:
+                array = dequantize(t.data, t.tensor_type)
+                weight = torch.from_numpy(np.array(array, dtype=np.float32, order="C")).reshape(shape)
         except Exception as e:
             raise ValueError(f"corrupt or truncated GGUF file {path}: tensor {name}: {e}") from e
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        weight = torch.from_numpy(np.array(array, dtype=np.float32, order="C")).reshape(shape)
         # llama.cpp stores the Q and K rows of its 'llama' architecture interleaved for its
         # RoPE; undo that permutation (the other architectures keep HF's order).
         if arch == "llama" and name.endswith("attn_q.weight"):
@@ -442,8 +532,13 @@ def _gguf_config(arch: str, value: Callable[..., object], num_tokens: int, tenso
     )
 
 
-def _unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """GGUF (pairs interleaved) row order -> HF (halves split) row order, per head."""
+def _unpermute_rope_rows(w: torch.Tensor | QuantizedWeight,
+                         n_heads: int) -> torch.Tensor | QuantizedWeight:
+    """GGUF (pairs interleaved) row order -> HF (halves split) row order, per head
+    (a quantized weight's rows are moved as they are)."""
+    if isinstance(w, QuantizedWeight):
+        return QuantizedWeight(w.qtype, _unpermute_rope_rows(w.blocks, n_heads).contiguous(),
+                               w.in_features)
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 

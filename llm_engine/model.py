@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llm_engine import ops
 from llm_engine.config import ModelConfig
+from llm_engine.quant import QuantizedWeight, quantize
 from llm_engine.rope import rope_cos_sin
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache): (blocks, block_size, kv_heads, d)
@@ -72,6 +73,66 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(x, self.weight, self.bias, packed=self.packed)
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer (inference only) whose weight stays quantized: one or more
+    :class:`~llm_engine.quant.QuantizedWeight` parts stacked along the output dimension
+    (a fused projection whose source tensors came in different types has several).
+    Their blocks are the uint8 buffers ``blocks0, blocks1...``; no fp32 copy exists."""
+
+    def __init__(self, parts: list[QuantizedWeight], bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not parts or len({p.in_features for p in parts}) != 1:
+            raise ValueError("parts must be one or more QuantizedWeights with the same in_features")
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        for i, p in enumerate(parts):
+            self.register_buffer(f"blocks{i}", p.blocks)
+        self.parts = parts
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def _apply(self, fn, recurse: bool = True):  # .to() replaces the buffers: rewrap them
+        super()._apply(fn, recurse)
+        self.parts = [QuantizedWeight(p.qtype, getattr(self, f"blocks{i}"), p.in_features)
+                      for i, p in enumerate(self.parts)]
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.parts) == 1:
+            return ops.quantized_linear(x, self.parts[0], self.bias)
+        out = torch.cat([ops.quantized_linear(x, p) for p in self.parts], dim=-1)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        types = "+".join(p.qtype for p in self.parts)
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={types}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding kept quantized (``blocks0``: a :class:`QuantizedWeight` of shape
+    ``(vocab, hidden)``); rows are dequantized as they are looked up. With tied
+    embeddings it is also the LM head (:meth:`linear`)."""
+
+    def __init__(self, weight: QuantizedWeight) -> None:
+        super().__init__()
+        self.register_buffer("blocks0", weight.blocks)
+        self.qweight = weight
+        self.embedding_dim = weight.in_features
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.qweight = QuantizedWeight(self.qweight.qtype, self.blocks0, self.qweight.in_features)
+        return self
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.blocks0.index_select(0, ids.reshape(-1))
+        out = ops.dequantize(QuantizedWeight(self.qweight.qtype, rows, self.embedding_dim))
+        return out.view(*ids.shape, self.embedding_dim)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., hidden) @ weight.T``: the tied LM head."""
+        return ops.quantized_linear(x, self.qweight)
 
 
 class Norm(nn.Module):
@@ -268,7 +329,28 @@ class Transformer(nn.Module):
     @property
     def lm_head_weight(self) -> torch.Tensor:
         """``(vocab, hidden)``: the output projection (the embedding when tied)."""
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        if isinstance(head, QuantizedLinear | QuantizedEmbedding):
+            raise TypeError("this model's LM head is quantized (inference only): load it with "
+                            "quantization='none' to train or to read its weight")
+        return head.weight
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any layer keeps its weight quantized (such a model is inference only)."""
+        return any(isinstance(m, QuantizedLinear | QuantizedEmbedding) for m in self.modules())
+
+    def quantize(self, qtype: str) -> None:
+        """Replace every linear layer's weight, and the token embedding's, by its
+        ``qtype`` quantization (:func:`llm_engine.quant.quantize`: q8_0, q4_0, q4_1), in
+        place; weights whose input size is not a multiple of 32 stay as they are."""
+        for name, module in list(self.named_modules()):
+            if isinstance(module, Linear) and module.in_features % 32 == 0:
+                bias = None if module.bias is None else module.bias.detach()
+                self.set_submodule(name, QuantizedLinear([quantize(module.weight, qtype)], bias))
+        if self.embed_tokens.embedding_dim % 32 == 0 and isinstance(self.embed_tokens, nn.Embedding):
+            self.embed_tokens = QuantizedEmbedding(quantize(self.embed_tokens.weight, qtype))
+        self._lm_head_packed = None
 
     def forward(
         self,
@@ -309,6 +391,10 @@ class Transformer(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(T, vocab)`` logits of ``hidden: (T, hidden_size)``."""
+        if isinstance(self.lm_head, QuantizedLinear):
+            return self.lm_head(hidden)
+        if self.lm_head is None and isinstance(self.embed_tokens, QuantizedEmbedding):
+            return self.embed_tokens.linear(hidden)
         return ops.linear(hidden, self.lm_head_weight, packed=self._lm_head_packed)
 
     def pack_weights(self, enabled: bool = True) -> None:
@@ -321,12 +407,18 @@ class Transformer(nn.Module):
         for m in self.modules():
             if isinstance(m, Linear):
                 m.packed = ops.PackedWeight() if enabled else None
-        self._lm_head_packed = ops.PackedWeight() if enabled else None
+        tied_quantized = self.lm_head is None and isinstance(self.embed_tokens, QuantizedEmbedding)
+        self._lm_head_packed = ops.PackedWeight() if enabled and not tied_quantized else None
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters, counting each quantized weight's values as parameters too."""
         n = sum(p.numel() for p in self.parameters())
+        n += sum(q.out_features * q.in_features for m in self.modules()
+                 if isinstance(m, QuantizedLinear) for q in m.parts)
+        if isinstance(self.embed_tokens, QuantizedEmbedding):
+            n += self.embed_tokens.qweight.out_features * self.embed_tokens.embedding_dim
         if exclude_embeddings:
-            n -= self.embed_tokens.weight.numel()
+            n -= self.config.vocab_size * self.config.hidden_size
             if self.embed_positions is not None:
                 n -= self.embed_positions.weight.numel()
         return n

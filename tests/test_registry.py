@@ -15,6 +15,7 @@ from testing_utils import assert_close
 
 from llm_engine import ops
 from llm_engine.ops import dispatch
+from llm_engine.quant import quantize
 
 REG = ops.registry()
 
@@ -55,6 +56,8 @@ def _store_inputs() -> tuple:
 # the Triton implementations run in the interpreter here.
 CASES: dict[str, tuple[Callable[[], tuple], bool]] = {
     "linear": (lambda: ((torch.randn(3, 7), torch.randn(5, 7), torch.randn(5)), {}), True),
+    "quantized_linear": (lambda: ((torch.randn(67, 64), quantize(torch.randn(5, 64), "q4_1"),
+                                   torch.randn(5)), {}), True),
     "rms_norm": (lambda: ((torch.randn(3, 9), torch.randn(9), 1e-5),
                           {"residual": torch.randn(3, 9)}), True),
     "layer_norm": (lambda: ((torch.randn(3, 9), torch.randn(9), torch.randn(9), 1e-5), {}), True),

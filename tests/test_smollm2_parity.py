@@ -64,7 +64,7 @@ def hf_tokenizer(gguf_path: str):
 
 @pytest.fixture(scope="module")
 def ours():
-    return load_model("smollm2", device="cpu", dtype=torch.float32)
+    return load_model("smollm2", device="cpu", dtype=torch.float32, quantization="none")
 
 
 def test_logits_match_hf_on_several_prompts(ours, hf_model) -> None:

@@ -1,6 +1,6 @@
 // Python bindings of the CPU kernels: the decode attention
 // (llm_engine._C.paged_decode_attention) and the per-token layer ops (rms_norm, silu_mul,
-// rope, store_kv).
+// rope, store_kv) and the quantized linear (quant_matmul, quant_dequantize).
 //
 // Arrays come from torch CPU tensors through .numpy() (zero-copy). Exceptions seen
 // from Python: TypeError for a wrong dtype, layout or non-array argument; ValueError
@@ -14,6 +14,7 @@
 
 #include "cpu/layer_ops.h"
 #include "cpu/paged_decode.h"
+#include "cpu/quant_matmul.h"
 
 namespace py = pybind11;
 
@@ -247,6 +248,63 @@ void store_kv_py(const py::handle& k_cache_obj, const py::handle& v_cache_obj,
            k.shape(1) * k.shape(2));
 }
 
+// The format of qtype, with k checked to be whole blocks and blocks (rows, row bytes) to
+// hold them.
+QuantFormat expect_blocks(const py::array_t<uint8_t>& w, const py::handle& w_obj, QuantType type,
+                          const std::string& qtype, int64_t k, const char* k_from) {
+  const QuantFormat f = quant_format(type);
+  if (k <= 0 || k % f.block != 0) {
+    throw py::value_error(std::string(k_from) + " must be a positive multiple of the " + qtype +
+                          " block size " + std::to_string(f.block) + ", got " + std::to_string(k));
+  }
+  if (w.shape(1) != k / f.block * f.bytes) {
+    throw py::value_error("blocks " + shape_of(w_obj) + " must be (rows, " +
+                          std::to_string(k / f.block * f.bytes) + ") for " + qtype + " with k = " +
+                          std::to_string(k));
+  }
+  return f;
+}
+
+void quant_matmul_py(const py::handle& out_obj, const py::handle& x_obj,
+                     const py::handle& blocks_obj, const std::string& qtype, int num_threads) {
+  auto [out, out_stride] = expect_rows<float>(out_obj, "out", "float32", 2);
+  auto x = expect_array<float>(x_obj, "x", "float32", 2);
+  auto w = expect_array<uint8_t>(blocks_obj, "blocks", "uint8", 2);
+  const QuantType type = quant_type_from_name(qtype);  // std::invalid_argument -> ValueError
+  const int64_t m = x.shape(0), k = x.shape(1), n = w.shape(0);
+  expect_blocks(w, blocks_obj, type, qtype, k, "x's last dimension (k)");
+  if (out.shape(0) != m || out.shape(1) != n) {
+    throw py::value_error("out " + shape_of(out_obj) + " must be (rows of x, rows of blocks) = (" +
+                          std::to_string(m) + ", " + std::to_string(n) + ")");
+  }
+  expect_writeable(out, "out");
+  expect_threads(num_threads);
+  float* out_data = out.mutable_data();
+  const float* out_end = out.size() == 0 ? out_data : out_data + (m - 1) * out_stride + n;
+  if (out.size() > 0 && x.size() > 0 && out_data < x.data() + x.size() && x.data() < out_end) {
+    throw py::value_error("out must not overlap x");
+  }
+  py::gil_scoped_release release;
+  quant_matmul(out_data, out_stride, x.data(), w.data(), type, m, n, k, num_threads);
+}
+
+void quant_dequantize_py(const py::handle& out_obj, const py::handle& blocks_obj,
+                         const std::string& qtype, int num_threads) {
+  auto out = expect_array<float>(out_obj, "out", "float32", 2);
+  auto w = expect_array<uint8_t>(blocks_obj, "blocks", "uint8", 2);
+  const QuantType type = quant_type_from_name(qtype);
+  expect_blocks(w, blocks_obj, type, qtype, out.shape(1), "out's last dimension (k)");
+  if (out.shape(0) != w.shape(0)) {
+    throw py::value_error("out " + shape_of(out_obj) + " must have one row per row of blocks " +
+                          shape_of(blocks_obj));
+  }
+  expect_writeable(out, "out");
+  expect_threads(num_threads);
+  float* out_data = out.mutable_data();
+  py::gil_scoped_release release;
+  quant_dequantize(out_data, w.data(), type, w.shape(0), out.shape(1), num_threads);
+}
+
 }  // namespace
 
 void register_cpu_kernels(py::module_& m) {
@@ -279,6 +337,17 @@ void register_cpu_kernels(py::module_& m) {
         "Write k[i], v[i] into cache slot slot_mapping[i] (-1: skip), fp32, in place.\n\n"
         "k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim) C-contiguous; k, v:\n"
         "(tokens, kv_heads, head_dim), contiguous within a row; slot_mapping: (tokens,) int64.");
+  m.def("quant_matmul", &quant_matmul_py, py::arg("out"), py::arg("x"), py::arg("blocks"),
+        py::arg("qtype"), py::arg("num_threads") = 1,
+        "out = x @ W.T with W stored as GGUF blocks of qtype (q8_0, q4_0, q4_1, q4_k, q5_k,\n"
+        "q6_k), fp32, written into out.\n\n"
+        "x: (m, k) C-contiguous float32, k a multiple of the block size; blocks: (n, k / block *\n"
+        "block_bytes) C-contiguous uint8, one weight row each; out: (m, n) float32, contiguous\n"
+        "within a row (rows may be apart: a column slice of a wider output), not overlapping x.");
+  m.def("quant_dequantize", &quant_dequantize_py, py::arg("out"), py::arg("blocks"),
+        py::arg("qtype"), py::arg("num_threads") = 1,
+        "The fp32 weight of GGUF blocks, written into out (rows, k) C-contiguous float32;\n"
+        "blocks: (rows, k / block * block_bytes) C-contiguous uint8.");
 }
 
 }  // namespace llm_engine

@@ -221,19 +221,36 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings,
         for op, impls in ab:
             yield from _ab_rows(llm, device, sizes, op, impls)
         return
+    fp32_model = model
+    if model.quantized:  # HF, and the fp32 comparison, get the dequantized weights
+        from llm_engine.loader import load_model
+
+        fp32_model = load_model("smollm2", device=device, dtype=dtype, quantization="none")[0]
     try:
-        hf = hf_from_ours(model)
+        hf = hf_from_ours(fp32_model)
         hf_note = ""
     except Exception as e:  # transformers missing or incompatible: ours still runs
         hf, hf_note = None, f"HF transformers unavailable: {type(e).__name__}: {e}"
     backend = ""
     if not cuda:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        backend = ("CPU: fp32, oneDNN linears on packed weights, C++ decode attention and "
-                   "layer ops, "
+        backend = ("CPU: fp32 activations, "
+                   + ("the GGUF file's quantized weights through the C++ quantized linear"
+                      if model.quantized else "oneDNN linears on packed weights")
+                   + ", C++ decode attention and layer ops, "
                    f"{torch.get_num_threads()} threads, "
                    f"load average {load:.1f} at start")
     yield from _decode_rows(llm, hf, hf_note, device, sizes, ceilings, 1, backend)
+    if not cuda and model.quantized:
+        from llm_engine.bench import llamacpp
+        from llm_engine.loader import _known_model_file
+
+        yield from llamacpp.rows(llm, _known_model_file("smollm2"), llm.tokenizer.encode(PROMPT),
+                                 sizes.decode_new, sizes.repeats, ceilings)
+        yield from _quantized_vs_fp32_rows(llm, fp32_model, device, sizes, ceilings)
+        from llm_engine.bench import fidelity
+
+        yield from fidelity.rows(model, fp32_model, llm.tokenizer, _known_model_file("smollm2"))
     if cuda:
         yield from _decode_rows(llm, hf, hf_note, device, sizes, ceilings, 64, backend)
         yield from _prefill_rows(llm, hf, hf_note, device, sizes, ceilings)
@@ -298,7 +315,7 @@ def _decode_rows(llm, hf, hf_note: str, device: str, sizes: _Sizes, ceilings: Ce
     new = sizes.decode_new
     case = f"decode-bs{batch}"
     params = {"batch": batch, "new_tokens": new, "prompt_tokens": len(prompts[0])}
-    weight_bytes = model.num_parameters() * next(model.parameters()).element_size()
+    weight_bytes = _weight_bytes(model)
 
     gens: dict[str, Callable[[int], object]] = {OURS: lambda n: _ours_generate(llm, prompts, n)}
     if hf is not None:
@@ -324,6 +341,42 @@ def _decode_rows(llm, hf, hf_note: str, device: str, sizes: _Sizes, ceilings: Ce
         ours.rel_err = _mismatch(ours_tokens, hf_tokens)
         notes.append(f"{ours_rate / hf_rate:.2f}x HF")
     ours.note = "; ".join(x for x in notes if x)
+    return rows
+
+
+def _weight_bytes(model: Transformer) -> int:
+    """Bytes of the weights a decode step reads: parameters and quantized blocks."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def _quantized_vs_fp32_rows(llm, fp32_model: Transformer, device: str, sizes: _Sizes,
+                            ceilings: Ceilings) -> list[Row]:
+    """Decode throughput at 1, 4, 16, 32 and 64 concurrent streams (32-token prompts, 32
+    new tokens each): the quantized engine against the same engine on the dequantized
+    fp32 weights, taking turns."""
+    from llm_engine import LLM
+
+    fp32 = LLM.from_modules(fp32_model, llm.tokenizer, max_num_seqs=256,
+                            enable_prefix_caching=False, kv_cache_memory=1 << 29)
+    rows: list[Row] = []
+    new = 32
+    for streams in (1, 4, 16, 32, 64):
+        prompts = random_prompts(streams, 32, fp32_model.config.vocab_size, seed=7)
+        fns = {name: (lambda e=e, p=prompts: _ours_generate(e, p, new),
+                      lambda e=e, p=prompts: _ours_generate(e, p[:1], 2))
+               for name, e in (("quantized", llm), ("fp32", fp32))}
+        timings = _timed_in_turn(fns, device, sizes.repeats)
+        rate = {k: streams * new / v[0] for k, v in timings.items()}
+        for name in ("quantized", "fp32"):
+            model = llm.model if name == "quantized" else fp32_model
+            note = (f"{rate['quantized'] / rate['fp32']:.2f}x fp32" if name == "quantized"
+                    else "the same engine on the dequantized weights")
+            rows.append(Row(SUITE, f"streams-{streams}", f"{OURS}-{name}", "tok/s", rate[name],
+                            ms=timings[name][0] * 1e3,
+                            ceiling_frac=_bw_frac(rate[name] / streams, _weight_bytes(model),
+                                                  ceilings),
+                            note=note, params={"streams": streams, "new_tokens": new,
+                                               "prompt_tokens": 32}))
     return rows
 
 

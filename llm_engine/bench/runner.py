@@ -37,6 +37,7 @@ SUITES: dict[str, str] = {
     "moe": "llm_engine.bench.moe",
     "linear": "llm_engine.bench.linear",
     "cpu_layer_ops": "llm_engine.bench.cpu_layer_ops",
+    "quant": "llm_engine.bench.quant",
     "kv_manager": "llm_engine.bench.kv_manager",
     "generate": "llm_engine.bench.generate",
     "train": "llm_engine.bench.train",
@@ -47,7 +48,7 @@ SUITES: dict[str, str] = {
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "kernels": ("layer_norm", "attention", "sampling", "paged_attention", "linear",
-                "cpu_layer_ops", "kv_manager", "moe"),
+                "cpu_layer_ops", "quant", "kv_manager", "moe"),
     "generate": ("generate",),
     "train": ("train",),
     "serve": ("serve",),

@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from llm_engine.quant import QUANTIZE_TO
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -133,6 +135,13 @@ def add_engine_args(parser: argparse.ArgumentParser, **defaults) -> None:
                    default=d.enable_prefix_caching, help="do not reuse cached prompt prefixes")
     g.add_argument("--enforce-eager", action="store_true", default=d.enforce_eager,
                    help="no CUDA graphs for decode")
+
+
+def add_quantization_arg(parser: argparse.ArgumentParser) -> None:
+    """Add ``--quantization`` (how the weights are held in memory; see ``load_model``)."""
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", *QUANTIZE_TO],
+                        help="auto: a GGUF file's weights stay in their quantized types on the "
+                             "CPU; none: full precision; q8_0/q4_0/q4_1: quantize at load")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -24,15 +24,19 @@ class LLM:
             ``max_model_len``, ``block_size``, ``kv_cache_memory``,
             ``gpu_memory_utilization``, ``enable_prefix_caching``, ``seed``,
             ``enforce_eager``).
-        **kwargs: any of those fields, applied on top of ``config``.
+        quantization: ``"auto"`` (a GGUF file's weights stay in their quantized types on
+            the CPU), ``"none"`` (full precision) or ``"q8_0"`` / ``"q4_0"`` / ``"q4_1"``
+            (quantize at load); see ``load_model``.
+        **kwargs: any of the config's fields, applied on top of ``config``.
     """
 
     def __init__(self, model: str = "smollm2", config: EngineConfig | None = None,
-                 **kwargs) -> None:
+                 quantization: str = "auto", **kwargs) -> None:
         from llm_engine.loader import load_model
 
         config = (config or EngineConfig()).with_overrides(**kwargs)
-        module, tokenizer = load_model(model, device=config.device, dtype=config.dtype)
+        module, tokenizer = load_model(model, device=config.device, dtype=config.dtype,
+                                       quantization=quantization)
         self._setup(module, tokenizer, config)
 
     @classmethod

@@ -5,7 +5,8 @@ check (device, dtype, gradient wanted, shape); the model calls only the function
 below and never branches on device. The default choice, per kind of input:
 
 - CUDA tensors: the Triton kernels (``triton``).
-- CPU tensors: linear layers through oneDNN (``onednn``); in fp32 inference (no
+- CPU tensors: linear layers through oneDNN (``onednn``), quantized ones through the
+  C++ kernel or dequantized tiles into oneDNN (``quantized_linear``); in fp32 inference (no
   gradient wanted) decode attention, RMSNorm, the SwiGLU activation, the rotary
   embedding and the K/V cache store through the C++ kernels of ``csrc/cpu/`` (``cpp``);
   prefill and training attention through ``scaled_dot_product_attention`` (``sdpa``);
@@ -36,9 +37,16 @@ from llm_engine.ops.elementwise import (
 from llm_engine.ops.matmul import PackedWeight, linear
 from llm_engine.ops.moe import moe, moe_route
 from llm_engine.ops.norms import layer_norm, rms_norm
+from llm_engine.ops.quantized import (
+    QUANT_GEMM_MIN_ROWS,
+    dequantize,
+    quantized_linear,
+    quantized_linear_reference,
+)
 from llm_engine.ops.sampling import cross_entropy, sample
 
 __all__ = [
+    "QUANT_GEMM_MIN_ROWS",
     "Impl",
     "Needs",
     "Op",
@@ -48,12 +56,15 @@ __all__ = [
     "apply_rope_reference",
     "attention_varlen",
     "cross_entropy",
+    "dequantize",
     "layer_norm",
     "linear",
     "moe",
     "moe_route",
     "paged_attention",
     "paged_prefill_attention",
+    "quantized_linear",
+    "quantized_linear_reference",
     "registry",
     "rms_norm",
     "rope_at",

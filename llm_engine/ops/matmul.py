@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_engine.ops.dispatch import Needs, Op, registry, tensor_facts
+from llm_engine.quant import QuantizedWeight
 
 # oneDNN's linear op and its weight packing, resolved once (they are on the hot path:
 # every projection of every layer); None where this PyTorch build lacks them.
@@ -108,8 +109,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     them); elsewhere ``F.linear`` (cuBLAS on CUDA).
 
     ``packed``: the weight's :class:`PackedWeight` cache, used when no gradient is
-    needed (inference), where oneDNN applies.
+    needed (inference), where oneDNN applies. A :class:`~llm_engine.quant.QuantizedWeight`
+    goes to :func:`llm_engine.ops.quantized_linear`.
     """
+    if isinstance(weight, QuantizedWeight):
+        from llm_engine.ops.quantized import quantized_linear  # it imports this module
+
+        return quantized_linear(x, weight, bias)
     return LINEAR.pick(x, weight, bias, packed)(x, weight, bias, packed)
 
 

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 
 from llm_engine.backends import add_backend_arg, apply_backend_args
-from llm_engine.engine.config import add_engine_args, engine_config_from_args
+from llm_engine.engine.config import add_engine_args, add_quantization_arg, engine_config_from_args
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -28,6 +28,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                     "stream=true), GET /v1/models, GET /health and GET /metrics (Prometheus).")
     p.add_argument("--model", default="smollm2", help="model name, .gguf file or checkpoint dir")
     add_engine_args(p)
+    add_quantization_arg(p)
     add_backend_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: "
                                                        "127.0.0.1, this machine only)")
@@ -55,7 +56,8 @@ def handle(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     apply_backend_args(args.backend)
-    llm = LLM(model=args.model, config=engine_config_from_args(args), seed=args.seed)
+    llm = LLM(model=args.model, config=engine_config_from_args(args), seed=args.seed,
+              quantization=args.quantization)
     try:
         serve(llm.engine, host=args.host, port=args.port, api_key=args.api_key,
               served_model_name=args.served_model_name or args.model,

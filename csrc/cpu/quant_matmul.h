@@ -1,0 +1,42 @@
+// Linear layers straight from GGUF-quantized weights on the CPU: out = x @ W^T, with W
+// (n, k) stored as ggml blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), row by row, in the
+// byte layout of GGUF files. Nothing is expanded to fp32 in memory: each block is
+// dequantized in registers where it is used.
+//
+// x stays fp32 (llama.cpp rounds it to int8 per block; we do not: a row's result must
+// not jump with tiny changes of its input, or it would depend on how many rows share a
+// batch). Q8_0, Q4_0 and Q4_1: each block's 32 integer levels are expanded to fp32 in
+// registers (AVX2 when the CPU has it, plain C++ otherwise), dotted with up to 4 x rows,
+// and scaled once per block. The K-quants expand each 256-value super-block to fp32 on
+// the stack and take fp32 dot products with the x rows.
+//
+// Arrays are row-major; out's rows may be out_stride floats apart (a column slice of a
+// wider output). The caller has checked every shape (see bindings.cpp).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace llm_engine {
+
+enum class QuantType : int { kQ8_0, kQ4_0, kQ4_1, kQ4_K, kQ5_K, kQ6_K };
+
+struct QuantFormat {
+  int64_t block;  // weights per block
+  int64_t bytes;  // bytes per block
+};
+
+// The type named "q8_0", "q4_0", "q4_1", "q4_k", "q5_k" or "q6_k"; std::invalid_argument
+// for any other name.
+QuantType quant_type_from_name(const std::string& name);
+QuantFormat quant_format(QuantType type);
+
+// out (rows, k) fp32 = the dequantized weight of blocks (rows, k / block * bytes).
+void quant_dequantize(float* out, const uint8_t* blocks, QuantType type, int64_t rows, int64_t k,
+                      int num_threads);
+
+// out (m, n), rows out_stride apart, = x (m, k) contiguous @ W^T with W (n, k) in blocks.
+void quant_matmul(float* out, int64_t out_stride, const float* x, const uint8_t* w,
+                  QuantType type, int64_t m, int64_t n, int64_t k, int num_threads);
+
+}  // namespace llm_engine

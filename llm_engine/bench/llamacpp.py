@@ -1,0 +1,155 @@
+"""llama.cpp as a peer of the generate suite: the same GGUF file, the same thread count.
+
+Used when ``llama_cpp`` (llama-cpp-python) is importable; otherwise each case gets one
+row with no value whose note gives the install command. Ours runs the file's quantized
+weights (``quantization="auto"``); the runs of ours and llama.cpp take turns.
+
+Cases
+- ``decode-bs1``: greedy decode tokens/s, ``(new - 1) / (t(new) - t(1))`` for both.
+- ``prefill-1000``: a 1,000-token prompt, prompt tokens/s (ours: the prompt and one
+  new token; llama.cpp: ``eval`` of the prompt).
+- ``peak-rss``: peak resident memory (MB) of a fresh process that loads the model and
+  decodes 16 tokens, for each, measured in subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from llm_engine.bench.common import OURS, Ceilings, Row
+
+SUITE = "generate"
+IMPL = "llama.cpp"
+INSTALL = "pip install llama-cpp-python"
+_RSS_SCRIPT = r"""
+import json, resource, sys
+impl, path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if impl == "ours":
+    import torch
+    torch.set_num_threads(threads)
+    from llm_engine import LLM, SamplingParams
+    llm = LLM(path, device="cpu", max_num_seqs=1)
+    llm.generate("Hello, my name is", SamplingParams(temperature=0, max_tokens=16,
+                 ignore_eos=True), use_tqdm=False)
+else:
+    from llama_cpp import Llama
+    llm = Llama(model_path=path, n_threads=threads, n_ctx=2048, verbose=False)
+    llm("Hello, my name is", max_tokens=16, temperature=0)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+"""
+
+
+def available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _best(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _peak_rss(impl: str, path: str, threads: int) -> float:
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, impl, path, str(threads)],
+                         capture_output=True, text=True, check=True, timeout=900)
+    return json.loads(out.stdout.strip().splitlines()[-1]) / 1e6
+
+
+def rows(llm, gguf_path: str, prompt_ids: list[int], new: int, repeats: int,
+         ceilings: Ceilings) -> list[Row]:
+    """Rows of ours (``llm``, loaded from ``gguf_path``) against llama.cpp on that file."""
+    from llm_engine import SamplingParams
+
+    threads = torch.get_num_threads()
+    if not available():
+        note = f"llama-cpp-python is not installed; install it with: {INSTALL}"
+        return [Row(SUITE, case, IMPL, metric, None, note=note)
+                for case, metric in (("decode-bs1", "tok/s"), ("prefill-1000", "tok/s"),
+                                     ("peak-rss", "MB"))]
+    import llama_cpp
+    from llama_cpp import Llama
+
+    peer = Llama(model_path=gguf_path, n_threads=threads, n_threads_batch=threads, n_ctx=2048,
+                 n_batch=1024, verbose=False)
+
+    def ours_gen(n: int, ids: list[int]):
+        p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        return llm.generate([ids], p, use_tqdm=False)[0].outputs[0].token_ids
+
+    def peer_gen(n: int, ids: list[int]):
+        peer.reset()
+        out = []
+        for tok in peer.generate(ids, temp=0.0, top_k=1, reset=True):
+            out.append(tok)
+            if len(out) == n:
+                break
+        return out
+
+    ours_gen(2, prompt_ids)
+    peer_gen(2, prompt_ids)
+    times = {}
+    for n in (1, new):
+        for name, fn in ((OURS, ours_gen), (IMPL, peer_gen)):
+            times[name, n] = _best(lambda fn=fn, n=n: fn(n, prompt_ids), repeats)
+    rate = {k: (new - 1) / max(times[k, new] - times[k, 1], 1e-9) for k in (OURS, IMPL)}
+    same = ours_gen(new, prompt_ids) == peer_gen(new, prompt_ids)
+    version = getattr(llama_cpp, "__version__", "?")
+    weight_bytes = sum(b.numel() for b in llm.model.buffers()) + sum(
+        p.numel() * p.element_size() for p in llm.model.parameters())
+
+    def bw(tok_s: float) -> float:
+        return tok_s * weight_bytes / (ceilings.bandwidth_gbps * 1e9)
+
+    params = {"batch": 1, "new_tokens": new, "prompt_tokens": len(prompt_ids), "threads": threads}
+    out = [
+        Row(SUITE, "decode-bs1", f"{OURS}-quantized", "tok/s", rate[OURS],
+            ms=times[OURS, new] * 1e3, ceiling_frac=bw(rate[OURS]),
+            note=f"{rate[OURS] / rate[IMPL]:.2f}x llama.cpp; same greedy tokens: {same}",
+            params=params),
+        Row(SUITE, "decode-bs1", IMPL, "tok/s", rate[IMPL], ms=times[IMPL, new] * 1e3,
+            ceiling_frac=bw(rate[IMPL]), note=f"llama-cpp-python {version}, same file",
+            params=params),
+    ]
+    long_ids = np.random.default_rng(5).integers(100, llm.model.config.vocab_size,
+                                                 size=1000).tolist()
+
+    def peer_prefill():
+        peer.reset()
+        peer.eval(long_ids)
+
+    t = {OURS: float("inf"), IMPL: float("inf")}
+    for _ in range(repeats):
+        t[OURS] = min(t[OURS], _best(lambda: ours_gen(1, long_ids), 1))
+        t[IMPL] = min(t[IMPL], _best(peer_prefill, 1))
+    params = {"input_len": 1000, "threads": threads}
+    out += [
+        Row(SUITE, "prefill-1000", f"{OURS}-quantized", "tok/s", 1000 / t[OURS], ms=t[OURS] * 1e3,
+            note=f"{t[IMPL] / t[OURS]:.2f}x llama.cpp (prompt tokens/s)", params=params),
+        Row(SUITE, "prefill-1000", IMPL, "tok/s", 1000 / t[IMPL], ms=t[IMPL] * 1e3,
+            note=f"eval() of the prompt, n_batch 1024, llama-cpp-python {version}",
+            params=params),
+    ]
+    if hasattr(peer, "close"):  # frees its memory before the subprocesses run
+        peer.close()
+    rss = {name: _peak_rss(name, gguf_path, threads) for name in ("ours", "llama.cpp")}
+    out += [
+        Row(SUITE, "peak-rss", f"{OURS}-quantized", "MB", rss["ours"],
+            note=f"{rss['ours'] / rss['llama.cpp']:.2f}x llama.cpp; fresh process, load + "
+                 "16 tokens", params={"threads": threads}),
+        Row(SUITE, "peak-rss", IMPL, "MB", rss["llama.cpp"], note="fresh process, n_ctx 2048",
+            params={"threads": threads}),
+    ]
+    return out

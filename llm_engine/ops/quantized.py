@@ -1,0 +1,113 @@
+"""Linear layers on quantized weights (:class:`~llm_engine.quant.QuantizedWeight`).
+
+Implementations of ``quantized_linear``, in preference order:
+
+- ``onednn``: CPU fp32 inference with at least :data:`QUANT_GEMM_MIN_ROWS` rows (a
+  prefill): the weight dequantized tile by tile (at most ``_QUANT_TILE`` floats) into a
+  scratch buffer by ``_C.quant_dequantize``, then oneDNN's fp32 GEMM;
+- ``cpp``: CPU fp32 inference: ``_C.quant_matmul`` reads the blocks directly;
+- ``reference``: dequantize, then ``F.linear`` (CUDA, other dtypes, autograd for ``x``).
+
+Both CPU routes keep ``x`` in fp32, so a row's result differs between them only by the
+order of its sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llm_engine import _C
+from llm_engine.ops.common import ANY, as_rows, cpp_needs
+from llm_engine.ops.dispatch import Op, registry, tensor_facts
+from llm_engine.ops.matmul import _LINEAR_POINTWISE, _onednn_mm
+from llm_engine.quant import QuantizedWeight
+
+# From this many rows on, the CPU dequantizes tiles and runs oneDNN's GEMM, compute-bound
+# there; below, the C++ kernel reads the quantized blocks (``llm-engine bench quant``).
+QUANT_GEMM_MIN_ROWS = 64
+_QUANT_TILE = 1 << 21
+
+
+def _signature(x: torch.Tensor, weight: QuantizedWeight,
+               bias: torch.Tensor | None = None) -> tuple:
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    return (*tensor_facts("quantized_linear", x, bias),
+            weight.blocks.is_cpu and (bias is None or bias.shape == (weight.out_features,)),
+            rows >= QUANT_GEMM_MIN_ROWS and _LINEAR_POINTWISE is not None
+            and torch.backends.mkldnn.enabled)
+
+
+QUANTIZED_LINEAR = registry().add(Op("quantized_linear", _signature, {
+    "blocks": "the weight's blocks on the CPU, bias (out,) or None",
+    "many_rows": f"at least {QUANT_GEMM_MIN_ROWS} rows, oneDNN enabled",
+}, "x @ W.T + bias, W quantized"))
+
+
+def quantized_linear(x: torch.Tensor, weight: QuantizedWeight,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (..., in) @ W.T + bias (out,)`` for a quantized ``W (out, in)``, in ``x``'s dtype."""
+    if not isinstance(weight, QuantizedWeight):
+        raise TypeError(f"weight must be a QuantizedWeight, got {type(weight).__name__}")
+    if x.dim() == 0 or x.shape[-1] != weight.in_features:
+        raise ValueError(f"x must be (..., {weight.in_features}) for a weight of shape "
+                         f"{weight.shape}, got {tuple(x.shape)}")
+    return QUANTIZED_LINEAR.pick(x, weight, bias)(x, weight, bias)
+
+
+def _quantized_linear_onednn(x: torch.Tensor, weight: QuantizedWeight,
+                             bias: torch.Tensor | None = None) -> torch.Tensor:
+    x2 = as_rows(x)
+    rows, n = x2.shape[0], weight.out_features
+    threads = torch.get_num_threads()
+    tile = max(1, _QUANT_TILE // weight.in_features)
+    out = None if n <= tile else x2.new_empty(rows, n)
+    scratch = x2.new_empty(min(n, tile), weight.in_features)
+    for a in range(0, n, tile):
+        b = min(n, a + tile)
+        w = scratch[:b - a]
+        _C.quant_dequantize(w.numpy(), weight.blocks[a:b].numpy(), weight.qtype, threads)
+        y = _onednn_mm(x2, w, None if bias is None else bias[a:b])
+        if out is None:
+            out = y
+        else:
+            out[:, a:b] = y
+    return out.view(*x.shape[:-1], n)
+
+
+def _quantized_linear_cpp(x: torch.Tensor, weight: QuantizedWeight,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    x2 = as_rows(x)
+    out = x2.new_empty(x2.shape[0], weight.out_features)
+    _C.quant_matmul(out.numpy(), x2.numpy(), weight.blocks.numpy(), weight.qtype,
+                    torch.get_num_threads())
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], weight.out_features)
+
+
+def quantized_linear_reference(x: torch.Tensor, weight: QuantizedWeight,
+                               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize (:func:`llm_engine.quant.dequantize`) then ``F.linear``, in ``x``'s dtype."""
+    w = weight.dequantize().to(device=x.device, dtype=x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def dequantize(weight: QuantizedWeight) -> torch.Tensor:
+    """The fp32 ``(out, in)`` weight: the C++ kernel on the CPU, else the reference."""
+    if not weight.blocks.is_cpu:
+        return weight.dequantize()
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    if out.numel():
+        _C.quant_dequantize(out.numpy(), weight.blocks.numpy(), weight.qtype,
+                            torch.get_num_threads())
+    return out
+
+
+QUANTIZED_LINEAR.register("onednn", _quantized_linear_onednn,
+                          cpp_needs(("blocks", "many_rows")),
+                          "dequantized tiles (_C.quant_dequantize) into oneDNN's fp32 GEMM")
+QUANTIZED_LINEAR.register("cpp", _quantized_linear_cpp, cpp_needs(("blocks",)),
+                          "C++ CPU kernel on the blocks (_C.quant_matmul)")
+QUANTIZED_LINEAR.register("reference", quantized_linear_reference, ANY,
+                          "dequantize, then F.linear")
