@@ -65,6 +65,7 @@ setup(
     packages=[
         "llm_engine",
         "llm_engine.kernels",
+        "llm_engine.ops",
         "llm_engine.engine",
         "llm_engine.training",
         "llm_engine.bench",

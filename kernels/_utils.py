@@ -7,6 +7,8 @@ the expected form instead of a crash inside Triton.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from collections.abc import Iterable
 
@@ -71,3 +73,21 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
             f"{name} must be contiguous in its last dimension, got shape {tuple(t.shape)} "
             f"with strides {t.stride()}"
         )
+
+
+def resolve_softmax_scale(softmax_scale: float | None, head_dim: int) -> float:
+    """The attention scale: ``1 / sqrt(head_dim)`` for None, else ``softmax_scale``
+    checked to be a positive finite number (not a bool)."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool) \
+            or not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a positive finite number or None, "
+                         f"got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``device_index`` (asked once)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

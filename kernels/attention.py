@@ -43,6 +43,7 @@ from ._utils import (
     check_tensor,
     check_triton_device,
     interpreting,
+    resolve_softmax_scale,
 )
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
@@ -544,16 +545,6 @@ def _check_qkv(q: object, k: object, v: object, layout: str, ndim: int) -> None:
                          f"{tuple(k.shape)} ({layout})")
 
 
-def _check_scale(softmax_scale: float | None, head_dim: int) -> float:
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool) \
-            or not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise ValueError(f"softmax_scale must be a positive finite number or None, "
-                         f"got {softmax_scale!r}")
-    return float(softmax_scale)
-
-
 def _check_cu_seqlens(name: str, cu: object, total: int, max_name: str, max_seqlen: object,
                       device: torch.device, check_values: bool) -> None:
     check_tensor(name, cu, dtypes=(torch.int32,), ndim=1, device=device)
@@ -617,7 +608,7 @@ def flash_attention_varlen(
     if cu_seqlens_k.numel() != cu_seqlens_q.numel():
         raise ValueError(f"cu_seqlens_k must have the same shape as cu_seqlens_q "
                          f"{tuple(cu_seqlens_q.shape)}, got {tuple(cu_seqlens_k.shape)}")
-    scale = _check_scale(softmax_scale, q.shape[-1])
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     return _FlashAttentionVarlen.apply(q, k, v, cu_seqlens_q.contiguous(),
                                        cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
                                        bool(causal), scale)
@@ -647,7 +638,7 @@ def flash_attention(
         raise ValueError(f"k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
     if q.shape[0] > _MAX_SEQS:
         raise ValueError(f"q: batch must be at most {_MAX_SEQS}, got shape {tuple(q.shape)}")
-    scale = _check_scale(softmax_scale, q.shape[-1])
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     steps = torch.arange(batch + 1, device=q.device, dtype=torch.int32)

@@ -20,14 +20,12 @@ gradients are identical from run to run.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import FLOAT_DTYPES, check_tensor, check_triton_device, interpreting
+from ._utils import FLOAT_DTYPES, check_tensor, check_triton_device, interpreting, sm_count
 
 # Widest row (in elements) normalised in one block; wider rows loop over chunks. The
 # backward keeps more fp32 arrays per element live, so its block is narrower.
@@ -340,15 +338,10 @@ def _rows_per_tile(block_n: int) -> int:
     return max(1, min(_MAX_ROWS, _TILE_ELEMENTS // block_n))
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _num_bwd_programs(device: torch.device, tile: int) -> int:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return max(1, min(8, _BWD_ELEMENTS_PER_SM // tile)) * _sm_count(index)
+        return max(1, min(8, _BWD_ELEMENTS_PER_SM // tile)) * sm_count(index)
     return _INTERPRETER_BWD_PROGRAMS
 
 

@@ -22,9 +22,6 @@ signature and semantics; the references are the CPU path of the engine.
 
 from __future__ import annotations
 
-import functools
-import math
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -36,6 +33,8 @@ from ._utils import (
     check_tensor,
     check_triton_device,
     interpreting,
+    resolve_softmax_scale,
+    sm_count,
 )
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -164,14 +163,6 @@ def _check_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens
     return dims
 
 
-def _scale(softmax_scale: float | None, head_dim: int) -> float:
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be a positive number, got {softmax_scale!r}")
-    return float(softmax_scale)
-
-
 # ---------------------------------------------------------------------------
 # References (plain PyTorch, fp32 math): the CPU path of the engine
 # ---------------------------------------------------------------------------
@@ -222,7 +213,7 @@ def paged_attention_reference(
     _, block_size, kv_heads, head_dim = _check_decode(
         q, k_cache, v_cache, block_tables, context_lens
     )
-    scale = _scale(softmax_scale, head_dim)
+    scale = resolve_softmax_scale(softmax_scale, head_dim)
     num_seqs, heads, _ = q.shape
     group = heads // kv_heads
     lens = context_lens.long()
@@ -263,7 +254,7 @@ def paged_prefill_attention_reference(
     _, block_size, kv_heads, head_dim = _check_prefill(
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_seqlen_q
     )
-    scale = _scale(softmax_scale, head_dim)
+    scale = resolve_softmax_scale(softmax_scale, head_dim)
     heads = q.shape[1]
     group = heads // kv_heads
     cu = cu_seqlens_q.tolist()
@@ -529,17 +520,12 @@ def _num_stages(block_n: int, block_d: int, dtype: torch.dtype) -> int:
     return max(1, min(3, (128 << 10) // per_stage))
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _programs_target(device: torch.device) -> int:
     """How many programs fill the device a few times over."""
     if device.type != "cuda":
         return 16
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _WAVES * _num_sms(index)
+    return _WAVES * sm_count(index)
 
 
 def _decode_block_n(head_dim: int) -> int:
@@ -629,7 +615,7 @@ def paged_attention(
     )
     _check_devices(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                    context_lens=context_lens)
-    scale = _scale(softmax_scale, head_dim)
+    scale = resolve_softmax_scale(softmax_scale, head_dim)
     num_seqs, heads, _ = q.shape
     group = heads // kv_heads
     out = torch.empty_like(q)
@@ -718,7 +704,7 @@ def paged_prefill_attention(
     )
     _check_devices(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                    cu_seqlens_q=cu_seqlens_q, context_lens=context_lens)
-    scale = _scale(softmax_scale, head_dim)
+    scale = resolve_softmax_scale(softmax_scale, head_dim)
     num_seqs = cu_seqlens_q.shape[0] - 1
     heads = q.shape[1]
     out = torch.empty_like(q)

@@ -1,4 +1,4 @@
-"""The ``llm-engine`` command: generate, chat, train, bench, profile-kernel."""
+"""The ``llm-engine`` command: generate, chat, train, bench, profile-kernel, backends."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import argparse
 import sys
 import time
 
-import torch
-
-from llm_engine.engine.config import add_engine_args, engine_config_from_args
+from llm_engine.backends import add_backend_arg, apply_backend_args
+from llm_engine.engine.config import DTYPES, add_engine_args, engine_config_from_args
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """``--model`` and the engine's options; these commands run one sequence at a time."""
     p.add_argument("--model", default="smollm2", help="model name, .gguf file or checkpoint dir")
     add_engine_args(p, max_num_seqs=1)
+    add_backend_arg(p)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat, max_tokens=512)
 
+    backends = sub.add_parser("backends", help="list every op's implementations: which are "
+                              "eligible on this machine and which runs")
+    backends.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    backends.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                          help="default: bfloat16 on CUDA, float32 on CPU")
+    add_backend_arg(backends)
+
     from llm_engine.bench.cli import add_bench_parsers
     from llm_engine.training.cli import add_train_parser
 
@@ -53,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     from llm_engine import LLM
 
-    return LLM(model=args.model, config=engine_config_from_args(args))
+    config = engine_config_from_args(args)
+    apply_backend_args(args.backend)
+    return LLM(model=args.model, config=config)
 
 
 def _params(args: argparse.Namespace):
@@ -66,10 +75,12 @@ def _params(args: argparse.Namespace):
 def _backend_line(llm) -> str:
     from llm_engine import ops
 
-    device = llm.device
-    probe = torch.empty(0, device=device)
-    return f"device {device}, dtype {str(llm.dtype).removeprefix('torch.')}, " \
-           f"kernels: {ops.backend_for(probe)}"
+    settings = ops.registry().settings()
+    forced = [f"{k}={v}" for k, v in settings.forced.items()]
+    if settings.shorthand:
+        forced.insert(0, f"all={settings.shorthand}")
+    return f"device {llm.device}, dtype {str(llm.dtype).removeprefix('torch.')}, " \
+           f"ops: {', '.join(forced) if forced else 'default choice'}"
 
 
 def _speed_line(out, load_s: float) -> str:
@@ -139,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "chat":
             return cmd_chat(args)
+        if args.command == "backends":
+            from llm_engine.backends import backends_table
+
+            apply_backend_args(args.backend)
+            print(backends_table(args.device, DTYPES[args.dtype] if args.dtype else None))
+            return 0
         if args.command == "train":
             from llm_engine.training.cli import handle
         else:

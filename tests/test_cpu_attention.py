@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llm_engine.kernels import paged_attention_reference
+from llm_engine.kernels.paged_attention import paged_attention_reference
 from testing_utils import assert_close
 
 from llm_engine import _C, ops
@@ -69,7 +69,7 @@ def test_native_decode_matches_reference(lens, heads, kv_heads, head_dim, block_
 def test_ops_dispatches_fp32_cpu_decode_to_native() -> None:
     q, k_cache, v_cache, tables, ctx = _case([5, 40, 1], 6, 2, 16, 8)
     tables = tables.clamp(max=k_cache.shape[0] - 1)
-    assert ops._native_decode_ok(q, k_cache, v_cache, tables, ctx)
+    assert ops.registry().choose("paged_attention", q, k_cache, v_cache, tables, ctx) == "cpp"
     strided_q = torch.cat((q, q), dim=-1)[..., :16]  # as q arrives: a view of the qkv output
     with torch.inference_mode():
         out = ops.paged_attention(strided_q, k_cache, v_cache, tables, ctx)
@@ -77,7 +77,7 @@ def test_ops_dispatches_fp32_cpu_decode_to_native() -> None:
     with pytest.raises(ValueError, match="softmax_scale"):  # checked as the reference does
         ops.paged_attention(q, k_cache, v_cache, tables, ctx, softmax_scale=-1.0)
     half = [t.half() for t in (q, k_cache, v_cache)]
-    assert not ops._native_decode_ok(*half, tables, ctx)
+    assert ops.registry().choose("paged_attention", *half, tables, ctx) == "reference"
     assert_close(ops.paged_attention(*half, tables, ctx),
                  paged_attention_reference(q, k_cache, v_cache, tables, ctx), torch.float16)
 

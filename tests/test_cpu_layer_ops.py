@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from llm_engine.kernels import rms_norm_reference, store_kv_cache_reference
+from llm_engine.kernels.layer_norm import rms_norm_reference
+from llm_engine.kernels.paged_attention import store_kv_cache_reference
 from testing_utils import assert_close
 
 from llm_engine import _C, ops
@@ -26,7 +27,8 @@ def test_rms_norm_matches_reference(rows, dim, with_residual) -> None:
     with torch.inference_mode():
         ref = rms_norm_reference(x.double(), w.double(), eps=1e-5,
                                  residual=None if residual is None else residual.double())
-        out = ops._rms_norm_native(x, w, 1e-5, residual=residual)
+        with ops.use(rms_norm="cpp"):
+            out = ops.rms_norm(x, w, 1e-5, residual=residual)
     if with_residual:
         assert_close(out[0], ref[0], torch.float32)
         assert torch.equal(out[1], x + residual)  # the sum is exact in fp32 either way
@@ -37,10 +39,10 @@ def test_rms_norm_matches_reference(rows, dim, with_residual) -> None:
 def test_rms_norm_handles_large_and_tiny_rows() -> None:
     x = torch.tensor([[3e18, -4e18, 0.0], [1e-30, 0.0, 0.0], [0.0, 0.0, 0.0]])
     w = torch.ones(3)
-    with torch.inference_mode():
-        assert_close(ops._rms_norm_native(x[1:], w, 1e-6), rms_norm_reference(x[1:], w, 1e-6),
+    with torch.inference_mode(), ops.use(rms_norm="cpp"):
+        assert_close(ops.rms_norm(x[1:], w, 1e-6), rms_norm_reference(x[1:], w, 1e-6),
                      torch.float32)
-        out = ops._rms_norm_native(x[:1] * 1e-10, w, 0.0)  # eps 0: exactly x / rms(x)
+        out = ops.rms_norm(x[:1] * 1e-10, w, 0.0)  # eps 0: exactly x / rms(x)
     assert_close(out, x[:1] / (x[:1].pow(2).mean().sqrt()), torch.float32)
 
 
@@ -103,10 +105,13 @@ def test_store_kv_matches_reference(strided) -> None:
 def test_ops_pick_native_only_without_gradients() -> None:
     x = torch.randn(4, 8, requires_grad=True)
     w = torch.randn(8, requires_grad=True)
-    assert not ops._native_ok(x, w)
+    choose = ops.registry().choose
+    assert choose("rms_norm", x, w, 1e-5) == "reference"
     with torch.no_grad():
-        assert ops._native_ok(x, w, None)
-    assert not ops._native_ok(x.detach().double())
+        assert choose("rms_norm", x, w, 1e-5) == "cpp"
+        assert choose("rms_norm", x, w, 1e-5, residual=torch.zeros(4, 8)) == "cpp"
+        assert choose("rms_norm", x.double(), w.double(), 1e-5) == "reference"
+        assert choose("rms_norm", x, w[:7], 1e-5) == "reference"  # the reference's error
     # Training still gets gradients through every op.
     h = torch.randn(3, 10, requires_grad=True)
     ops.silu_mul(h).sum().backward()

@@ -1,6 +1,6 @@
 """The model gives the same logits and gradients with the Triton kernels as with the references.
 
-Runs the Triton kernels under the interpreter on CPU (``LLM_ENGINE_BACKEND=triton``),
+Runs the Triton kernels under the interpreter on CPU (``ops.use("triton")``),
 for a tiny config of each family, on a packed batch of ragged sequences.
 """
 
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from testing_utils import assert_close
 
+from llm_engine import ops
 from llm_engine.config import ModelConfig
 from llm_engine.model import AttentionMetadata, Transformer
 
@@ -35,13 +36,13 @@ def _loss_and_grads(model: Transformer, ids: torch.Tensor):
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_triton_kernels_match_reference_ops_in_the_model(arch: str, monkeypatch) -> None:
+def test_triton_kernels_match_reference_ops_in_the_model(arch: str) -> None:
     model = Transformer(CONFIGS[arch])
     ids = torch.randint(0, model.config.vocab_size, (sum(LENGTHS),))
-    monkeypatch.setenv("LLM_ENGINE_BACKEND", "torch")
-    ref_logits, ref_grads = _loss_and_grads(model, ids)
-    monkeypatch.setenv("LLM_ENGINE_BACKEND", "triton")
-    logits, grads = _loss_and_grads(model, ids)
+    with ops.use("torch"):
+        ref_logits, ref_grads = _loss_and_grads(model, ids)
+    with ops.use("triton"):
+        logits, grads = _loss_and_grads(model, ids)
     assert_close(logits, ref_logits, torch.float32, what="logits")
     for name, g in grads.items():
         assert_close(g, ref_grads[name], torch.float32, grad=True, what=f"grad of {name}")

@@ -26,7 +26,8 @@ def test_linear_forward_and_gradients_match_f_linear(lead, n_in, n_out, bias) ->
     b = torch.randn(n_out, dtype=torch.float64) if bias else None
     exact = F.linear(x, w, b)
     if torch.backends.mkldnn.is_available():  # the oneDNN path is the one under test
-        assert ops._onednn_linear_ok(x.float(), w.float(), None if b is None else b.float())
+        assert ops.registry().choose("linear", x.float(), w.float(),
+                                     None if b is None else b.float()) == "onednn"
     leaves = [t.float().requires_grad_() for t in (x, w, b) if t is not None]
     out = ops.linear(*leaves, *([None] if b is None else []))
     assert out.dtype == torch.float32 and out.shape == exact.shape
@@ -62,7 +63,7 @@ def test_linear_without_autograd_and_in_bf16_and_on_odd_inputs() -> None:
         assert ops.linear(x, w).dtype == torch.bfloat16
 
 
-needs_packing = pytest.mark.skipif(ops._REORDER_WEIGHT is None,
+needs_packing = pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"),
                                    reason="this PyTorch build has no oneDNN weight packing")
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from testing_utils import interpreter_or_cuda
 
+from llm_engine import ops
 from llm_engine.config import ModelConfig
 from llm_engine.model import Transformer
 from llm_engine.training import checkpoint as ckpt_lib
@@ -194,20 +195,20 @@ def test_fused_and_plain_loss_agree_on_a_step(tmp_path, tokenizer):
     assert fused["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
 
 
-def test_steps_on_the_triton_kernels_match_the_torch_ops(tmp_path, tokenizer, monkeypatch):
+def test_steps_on_the_triton_kernels_match_the_torch_ops(tmp_path, tokenizer):
     """Three optimizer steps with every op on its Triton kernel (the interpreter on CPU),
     the fused loss's row kernel included, against the same steps on the PyTorch ops."""
     device = interpreter_or_cuda()
     losses = {}
     for backend in ("torch", "triton"):
-        monkeypatch.setenv("LLM_ENGINE_BACKEND", backend)
         cfg = TrainConfig(out_dir=str(tmp_path / backend), steps=3, batch_size=2, seq_len=16,
                           lr=1e-2, warmup_steps=1, num_samples=0, progress=False,
                           autocast=False, device=device)
         model = _model(vocab=256, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
         trainer = Trainer(cfg, model, tokenizer, _windows(vocab=256), _windows(vocab=256),
                           device=device)
-        losses[backend] = [trainer.train_step()["loss"] for _ in range(3)]
+        with ops.use(backend):
+            losses[backend] = [trainer.train_step()["loss"] for _ in range(3)]
     np.testing.assert_allclose(losses["triton"], losses["torch"], rtol=1e-5)
 
 

@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from llm_engine.backends import add_backend_arg, apply_backend_args
 from llm_engine.bench import runner
 from llm_engine.bench.profile import DTYPES, KERNELS, parse_shape
 
@@ -61,6 +62,11 @@ def add_bench_parsers(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--budget", type=_parse_budget, default=None, metavar="SECONDS",
                        help="stop a suite after this many seconds (keeping its rows so far); "
                             "one number, or per suite: attention=120,default=60")
+    bench.add_argument("--ab", action="append", default=[], metavar="OP=IMPL,IMPL",
+                       help="generate suite: run the same generation under each named "
+                            "implementation of OP in turn and report their ratio, e.g. "
+                            "rms_norm=cpp,reference (repeatable)")
+    add_backend_arg(bench)
     bench.set_defaults(bench_command="bench")
 
     names = ", ".join(f"{n} ({k.shape})" for n, k in KERNELS.items())
@@ -80,6 +86,9 @@ def add_bench_parsers(subparsers: argparse._SubParsersAction) -> None:
                       help="forward and backward per call (layer_norm, rms_norm, attention)")
     prof.add_argument("--device", choices=["cuda", "cpu"], default=None,
                       help="default: cuda if available, else cpu")
+    prof.add_argument("--backend", action="append", default=[], metavar="OP=IMPL",
+                      help="the implementation of the kernel's op to run (default triton), "
+                           "e.g. rms_norm=cpp; `llm-engine backends` lists them")
     prof.set_defaults(bench_command="profile-kernel")
 
 
@@ -101,10 +110,35 @@ def handle(args: argparse.Namespace) -> int:
     return _profile_kernel(args)
 
 
+def _parse_ab(items: list[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """``["rms_norm=cpp,reference"]`` -> ``[("rms_norm", ("cpp", "reference"))]``, checked
+    against the op registry (at least two implementations each)."""
+    from llm_engine import ops
+
+    out = []
+    for item in items:
+        op, _, impls = item.partition("=")
+        names = tuple(dict.fromkeys(n.strip() for n in impls.split(",") if n.strip()))
+        if len(names) < 2:
+            raise ValueError(f"--ab takes OP=IMPL,IMPL[,...] (two or more), got {item!r}")
+        for n in names:
+            ops.registry().validate({op.strip(): n})
+        out.append((op.strip(), names))
+    return out
+
+
 def _bench(args: argparse.Namespace) -> int:
     device = _device(args.device)
+    apply_backend_args(args.backend)
+    options = {}
+    if args.ab:
+        if "generate" not in runner.resolve_suites(args.which):
+            raise ValueError("--ab compares implementations inside the generate suite; "
+                             "run `llm-engine bench generate --ab ...`")
+        options["generate"] = {"ab": _parse_ab(args.ab)}
     report = runner.run_benchmarks(args.which, device=device, quick=args.quick,
-                                   out_dir=args.out, profile=args.profile, budget_s=args.budget)
+                                   out_dir=args.out, profile=args.profile, budget_s=args.budget,
+                                   suite_options=options)
     print(report.to_markdown())
     for path in report.files:
         print(f"wrote {path}", file=sys.stderr)
@@ -118,8 +152,17 @@ def _profile_kernel(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    op = KERNELS[args.name].op
+    chosen = {}
+    for item in args.backend:
+        name, _, impl = item.partition("=")
+        if name.strip() != op:
+            raise ValueError(f"--backend {item!r}: {args.name} runs the op {op}; "
+                             f"name it as {op}=IMPL")
+        chosen[op] = impl.strip()
     try:
-        workload = build_workload(args.name, args.shape, DTYPES[dtype], device, args.backward)
+        workload = build_workload(args.name, args.shape, DTYPES[dtype], device, args.backward,
+                                  impl=chosen.get(op, "triton"))
     except (ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -132,7 +175,7 @@ def _profile_kernel(args: argparse.Namespace) -> int:
               "machine with CUDA)")
     print("Nsight Compute, profiling only the measured loop:")
     print("  " + ncu_command(args.name, args.shape, dtype, args.iters, args.warmup,
-                             args.backward))
+                             args.backward, args.backend))
     return 0
 
 

@@ -37,7 +37,8 @@ def _cases(rows: int, gen: torch.Generator) -> Iterator[tuple[str, int, Callable
     """(op, bytes moved, ours, reference, exact) per op; each callable takes no argument
     and returns the op's output."""
     from llm_engine import ops  # here: the bench CLI picks TRITON_INTERPRET before kernels load
-    from llm_engine.kernels import rms_norm_reference, store_kv_cache_reference
+    from llm_engine.kernels.layer_norm import rms_norm_reference
+    from llm_engine.kernels.paged_attention import store_kv_cache_reference
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen)

@@ -28,6 +28,13 @@ Cases
 ``rel_err``: the fraction of generated tokens that differ from HF's greedy tokens
 for the same prompts (0 for HF itself). Our CUDA rows use CUDA graphs for decode.
 
+A/B mode (``ab=[(op, (impl, ...))]``, ``llm-engine bench generate --ab
+rms_norm=cpp,reference``): instead of the cases above, ``ab-<op>-decode-bs1`` and
+``ab-<op>-throughput-...`` run our engine once per named implementation of ``op``
+(forced through ``ops.use``), the runs taking turns; each row's note gives its speed
+over the first implementation's, ``rel_err`` the fraction of its greedy tokens that
+differ from the first one's.
+
 Sizes (``_sizes``) keep the full CUDA run within about a minute (the GPU script's
 budget); on CPU every timing is the fastest of 3 runs, as a shared 2-core machine
 is noisy, and the runs of ours and HF's take turns, so that both meet the same
@@ -45,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llm_engine.bench.common import OURS, Ceilings, Row, synchronize
+from llm_engine.bench.common import INTERPRETER_NOTE, OURS, Ceilings, Row, synchronize
 from llm_engine.model import Transformer
 
 SUITE = "generate"
@@ -197,9 +204,11 @@ def _lengths(n: int, mean: int, ratio: float, seed: int) -> list[int]:
     return rng.integers(lo, hi + 1, size=n).tolist()
 
 
-def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
+def iter_rows(device: str, quick: bool, ceilings: Ceilings,
+              ab: list[tuple[str, tuple[str, ...]]] | None = None) -> Iterator[Row]:
     """The suite's rows, each yielded as soon as it is measured (the most telling first),
-    so a run stopped by its time budget keeps what it measured."""
+    so a run stopped by its time budget keeps what it measured; with ``ab``, the A/B
+    rows of each ``(op, implementations)`` instead."""
     from llm_engine import LLM
 
     cuda = torch.device(device).type == "cuda"
@@ -208,6 +217,10 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
     llm = LLM("smollm2", device=device, dtype=dtype, max_num_seqs=256,
               enable_prefix_caching=False, kv_cache_memory=(1 << 32) if cuda else 1 << 29)
     model = llm.model
+    if ab:
+        for op, impls in ab:
+            yield from _ab_rows(llm, device, sizes, op, impls)
+        return
     try:
         hf = hf_from_ours(model)
         hf_note = ""
@@ -229,8 +242,51 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
         yield from _vllm_rows(llm, device, sizes)
 
 
-def run(device: str, quick: bool, ceilings: Ceilings) -> list[Row]:
-    return list(iter_rows(device, quick, ceilings))
+def run(device: str, quick: bool, ceilings: Ceilings,
+        ab: list[tuple[str, tuple[str, ...]]] | None = None) -> list[Row]:
+    return list(iter_rows(device, quick, ceilings, ab))
+
+
+def _ab_rows(llm, device: str, sizes: _Sizes, op: str, impls: tuple[str, ...]) -> Iterator[Row]:
+    """Decode at batch 1 and offline throughput with each implementation of ``op`` forced,
+    the runs of the implementations taking turns."""
+    from llm_engine import ops
+
+    def forced(impl: str, fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            with ops.use(**{op: impl}):
+                return fn()
+        return run
+
+    vocab = llm.model.config.vocab_size
+    decode_prompt = [llm.tokenizer.encode(PROMPT)]
+    tp_prompts = random_prompts(sizes.tp_requests, sizes.tp_in, vocab, seed=3)
+    new = sizes.decode_new
+    cases = {
+        "decode-bs1": lambda n: _ours_generate(llm, decode_prompt, n),
+        f"throughput-{sizes.tp_requests}x{sizes.tp_in}+{sizes.tp_out}":
+            lambda n: _ours_generate(llm, tp_prompts, n),
+    }
+    for case, gen in cases.items():
+        if case == "decode-bs1":
+            def timed(n: int, gen=gen) -> dict[str, tuple[float, object]]:
+                return _timed_in_turn({i: (forced(i, lambda: gen(n)), None) for i in impls},
+                                      device, sizes.repeats)
+            t1, tn = timed(1), timed(new)
+            rates = {i: (new - 1) / max(tn[i][0] - t1[i][0], 1e-9) for i in impls}
+        else:
+            tn = _timed_in_turn({i: (forced(i, lambda gen=gen: gen(sizes.tp_out)), None)
+                                 for i in impls}, device, sizes.repeats)
+            rates = {i: sizes.tp_requests * sizes.tp_out / tn[i][0] for i in impls}
+        tokens = {i: [o.outputs[0].token_ids for o in tn[i][1]] for i in impls}
+        first = impls[0]
+        for i in impls:
+            note = f"{rates[i] / rates[first]:.2f}x {op}={first}"
+            if i == "triton" and torch.device(device).type == "cpu":
+                note = f"{INTERPRETER_NOTE}; {note}"
+            yield Row(SUITE, f"ab-{op}-{case}", f"{op}={i}", "tok/s", rates[i], ms=tn[i][0] * 1e3,
+                      rel_err=_mismatch(tokens[i], tokens[first]), note=note,
+                      params={"new_tokens": new if case == "decode-bs1" else sizes.tp_out})
 
 
 def _decode_rows(llm, hf, hf_note: str, device: str, sizes: _Sizes, ceilings: Ceilings,

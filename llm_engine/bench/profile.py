@@ -1,6 +1,10 @@
 """Run one kernel in a loop for Nsight Compute: warm-up outside the profiled
 range, the measured loop between ``cudaProfilerStart`` and ``cudaProfilerStop``,
 so ``ncu --profile-from-start off`` sees only the steady-state launches.
+
+Each kernel is an op of ``llm_engine.ops``; the loop runs the op's ``triton``
+implementation unless another one is named (``--backend rms_norm=cpp``), taken from
+the op registry after checking that it can take the inputs.
 """
 
 from __future__ import annotations
@@ -24,12 +28,25 @@ Workload = Callable[[], object]
 
 @dataclass(frozen=True)
 class Kernel:
-    """``shape``: what ``--shape`` lists, in order; ``build`` makes the inputs once
+    """``shape``: what ``--shape`` lists, in order; ``op``: the op of ``llm_engine.ops``
+    it implements; ``build(shape, dtype, device, backward, impl)`` makes the inputs once
     and returns the call to repeat."""
 
     shape: str
     dims: tuple[int, ...]
-    build: Callable[[tuple[int, ...], torch.dtype, torch.device, bool], Workload]
+    op: str
+    build: Callable[[tuple[int, ...], torch.dtype, torch.device, bool, str], Workload]
+
+
+def _impl(op: str, impl: str, *args, **kwargs) -> Callable:
+    """Implementation ``impl`` of ``op`` from the registry, checked against these inputs."""
+    from llm_engine import ops
+
+    why = ops.registry().eligible(op, *args, **kwargs).get(impl)
+    fn = ops.registry().implementation(op, impl)  # ValueError for an unknown name
+    if why is not None:
+        raise ValueError(f"{op}={impl} cannot take these inputs: {why}")
+    return fn
 
 
 def _with_backward(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor],
@@ -46,49 +63,50 @@ def _with_backward(forward: Callable[[], torch.Tensor], leaves: list[torch.Tenso
     return step
 
 
-def _norm(rms: bool) -> Callable[[tuple[int, ...], torch.dtype, torch.device, bool], Workload]:
+def _norm(rms: bool) -> Callable[[tuple[int, ...], torch.dtype, torch.device, bool, str],
+                                  Workload]:
     def build(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-              backward: bool) -> Workload:
-        from llm_engine.kernels.layer_norm import layer_norm, rms_norm
-
+              backward: bool, impl: str) -> Workload:
         rows, hidden = shape
         x = torch.randn(rows, hidden, device=device, dtype=dtype)
         w = torch.randn(hidden, device=device, dtype=dtype)
-        if rms:
-            return _with_backward(lambda: rms_norm(x, w), [x, w], backward)
-        b = torch.randn(hidden, device=device, dtype=dtype)
-        return _with_backward(lambda: layer_norm(x, w, b), [x, w, b], backward)
+        leaves = [x, w] if rms else [x, w, torch.randn(hidden, device=device, dtype=dtype)]
+        for t in leaves:
+            t.requires_grad_(backward)
+        args = (*leaves, 1e-5)
+        fn = _impl("rms_norm" if rms else "layer_norm", impl, *args)
+        return _with_backward(lambda: fn(*args), leaves, backward)
 
     return build
 
 
 def _attention(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-               backward: bool) -> Workload:
-    from llm_engine.kernels.attention import flash_attention
-
+               backward: bool, impl: str) -> Workload:
     batch, seqlen, heads, head_dim, *rest = shape
     kv_heads = rest[0] if rest else heads
-    q = torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype)
-    k = torch.randn(batch, seqlen, kv_heads, head_dim, device=device, dtype=dtype)
+    q = torch.randn(batch * seqlen, heads, head_dim, device=device, dtype=dtype)
+    k = torch.randn(batch * seqlen, kv_heads, head_dim, device=device, dtype=dtype)
     v = torch.randn_like(k)
-    return _with_backward(lambda: flash_attention(q, k, v, causal=True), [q, k, v], backward)
+    cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * seqlen
+    for t in (q, k, v):
+        t.requires_grad_(backward)
+    args = (q, k, v, cu, cu, seqlen, seqlen)
+    fn = _impl("attention_varlen", impl, *args)
+    return _with_backward(lambda: fn(*args, causal=True), [q, k, v], backward)
 
 
 def _sampling(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-              backward: bool) -> Workload:
-    from llm_engine.kernels.sampling import sample
-
+              backward: bool, impl: str) -> Workload:
     if backward:
         raise ValueError("sampling has no backward")
     batch, vocab = shape
     logits = torch.randn(batch, vocab, device=device, dtype=dtype)
-    return lambda: sample(logits, 1.0, top_p=0.9, seed=0)
+    fn = _impl("sample", impl, logits, 1.0)
+    return lambda: fn(logits, 1.0, top_p=0.9, seed=0)
 
 
 def _paged_attention(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                     backward: bool) -> Workload:
-    from llm_engine.kernels.paged_attention import paged_attention
-
+                     backward: bool, impl: str) -> Workload:
     if backward:
         raise ValueError("paged_attention has no backward")
     batch, context, heads, head_dim, *rest = shape
@@ -101,16 +119,18 @@ def _paged_attention(shape: tuple[int, ...], dtype: torch.dtype, device: torch.d
     tables = torch.randperm(num_blocks, device=device).to(torch.int32).view(batch, blocks_per_seq)
     lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
-    return lambda: paged_attention(q, k_cache, v_cache, tables, lens)
+    fn = _impl("paged_attention", impl, q, k_cache, v_cache, tables, lens)
+    return lambda: fn(q, k_cache, v_cache, tables, lens)
 
 
 KERNELS: dict[str, Kernel] = {
-    "layer_norm": Kernel("ROWS,HIDDEN", (2,), _norm(rms=False)),
-    "rms_norm": Kernel("ROWS,HIDDEN", (2,), _norm(rms=True)),
-    "attention": Kernel("BATCH,SEQLEN,HEADS,HEAD_DIM[,KV_HEADS] (causal)", (4, 5), _attention),
-    "sampling": Kernel("BATCH,VOCAB (temperature 1, top-p 0.9)", (2,), _sampling),
+    "layer_norm": Kernel("ROWS,HIDDEN", (2,), "layer_norm", _norm(rms=False)),
+    "rms_norm": Kernel("ROWS,HIDDEN", (2,), "rms_norm", _norm(rms=True)),
+    "attention": Kernel("BATCH,SEQLEN,HEADS,HEAD_DIM[,KV_HEADS] (causal, packed)", (4, 5),
+                        "attention_varlen", _attention),
+    "sampling": Kernel("BATCH,VOCAB (temperature 1, top-p 0.9)", (2,), "sample", _sampling),
     "paged_attention": Kernel("BATCH,CONTEXT,HEADS,HEAD_DIM[,KV_HEADS] (16-token blocks)", (4, 5),
-                              _paged_attention),
+                              "paged_attention", _paged_attention),
 }
 
 
@@ -123,14 +143,16 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def build_workload(name: str, shape: tuple[int, ...], dtype: torch.dtype,
-                   device: str | torch.device, backward: bool = False) -> Workload:
-    """The call that ``profile_kernel`` repeats, with its inputs already made."""
+                   device: str | torch.device, backward: bool = False,
+                   impl: str = "triton") -> Workload:
+    """The call that ``profile_kernel`` repeats, with its inputs already made; ``impl``:
+    the implementation of the kernel's op to run."""
     if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; choose from {', '.join(KERNELS)}")
     kernel = KERNELS[name]
     if len(shape) not in kernel.dims:
         raise ValueError(f"{name} takes --shape {kernel.shape}, got {shape}")
-    return kernel.build(shape, dtype, torch.device(device), backward)
+    return kernel.build(shape, dtype, torch.device(device), backward, impl)
 
 
 def profile_kernel(workload: Workload, device: str | torch.device, iters: int,
@@ -155,7 +177,7 @@ def profile_kernel(workload: Workload, device: str | torch.device, iters: int,
 
 
 def ncu_command(name: str, shape: tuple[int, ...], dtype: str, iters: int, warmup: int,
-                backward: bool) -> str:
+                backward: bool, backends: list[str] | tuple[str, ...] = ()) -> str:
     """The Nsight Compute command line that profiles exactly this loop."""
     launcher = ["llm-engine"] if shutil.which("llm-engine") else [sys.executable, "-m",
                                                                    "llm_engine.bench.cli"]
@@ -166,4 +188,6 @@ def ncu_command(name: str, shape: tuple[int, ...], dtype: str, iters: int, warmu
             "--warmup", str(warmup), "--device", "cuda"]
     if backward:
         args.append("--backward")
+    for item in backends:
+        args += ["--backend", item]
     return shlex.join(args)

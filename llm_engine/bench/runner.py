@@ -5,7 +5,8 @@ A suite is a module named in ``SUITES`` exposing
 ``iter_rows(device, quick, ceilings)`` yielding the same rows one at a time, so
 that rows measured before a time budget or Ctrl-C stops the suite are kept).
 A suite whose module is missing, or that raises, still shows up in the report as
-a row whose note says why.
+a row whose note says why. ``suite_options`` passes keyword options to the suites
+that take them (the generate suite's ``ab``).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def run_benchmarks(
     budget_s: float | Mapping[str, float] | None = None,
     ceilings: Ceilings | None = None,
     progress: bool = True,
+    suite_options: Mapping[str, Mapping[str, object]] | None = None,
 ) -> Report:
     """Measure the device's ceilings, run each suite, and write the report.
 
@@ -94,7 +96,8 @@ def run_benchmarks(
     optional ``"default"``); a suite past its budget is stopped and noted.
     ``profile``: write a Chrome trace ``trace_<suite>.json`` of each suite.
     ``ceilings``: skip measuring them (tests). ``progress``: a progress bar on a
-    terminal. The report (``report.md``,
+    terminal. ``suite_options``: suite -> keyword options for its ``iter_rows``/``run``
+    (``{"generate": {"ab": [("rms_norm", ("cpp", "reference"))]}}``). The report (``report.md``,
     ``report.json``, one PNG per plotted suite) is rewritten after every suite,
     so a run stopped by Ctrl-C keeps the rows already measured; the returned
     report then has ``interrupted`` set.
@@ -110,7 +113,8 @@ def run_benchmarks(
         bar = tqdm(names, desc="bench", unit="suite", disable=None if progress else True)
         for name in bar:
             bar.set_postfix_str(name)
-            _run_suite(report, name, _budget_for(budget_s, name), profile)
+            _run_suite(report, name, _budget_for(budget_s, name), profile,
+                       (suite_options or {}).get(name, {}))
             _write(report, [name], plotted)
     except KeyboardInterrupt:
         report.interrupted = True
@@ -133,7 +137,8 @@ def _note_row(suite: str, note: str) -> Row:
     return Row(suite=suite, case="(suite)", impl="—", metric="", value=None, note=note)
 
 
-def _run_suite(report: Report, name: str, budget: float | None, profile: bool) -> None:
+def _run_suite(report: Report, name: str, budget: float | None, profile: bool,
+               options: Mapping[str, object]) -> None:
     """Append the suite's rows and status to ``report``; re-raises Ctrl-C after
     recording what was measured."""
     path = SUITES[name]
@@ -152,10 +157,10 @@ def _run_suite(report: Report, name: str, budget: float | None, profile: bool) -
         with _profiling(profile, report, name), _time_budget(budget):
             producer = getattr(module, "iter_rows", None)
             if producer is not None:
-                for row in producer(report.device, report.quick, report.ceilings):
+                for row in producer(report.device, report.quick, report.ceilings, **options):
                     rows.append(row)
             else:
-                rows.extend(module.run(report.device, report.quick, report.ceilings))
+                rows.extend(module.run(report.device, report.quick, report.ceilings, **options))
         for row in rows:
             if not isinstance(row, Row):
                 raise TypeError(f"suite {name} returned a {type(row).__name__}, expected Row")

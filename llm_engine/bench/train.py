@@ -7,7 +7,7 @@ The data are random tokens (throughput does not depend on them).
 - CUDA, case ``gpt2-124m``: the ``gpt2-124m`` preset's shape (vocabulary padded to 50304),
   ``seq_len`` 1024, 16 sequences per step (8 when ``quick``), bf16 autocast.
   Implementations: ``llm_engine`` (the Triton kernels and the fused linear cross-entropy),
-  ``torch`` (the same model on the plain-PyTorch ops, ``LLM_ENGINE_BACKEND=torch``, with
+  ``torch`` (the same model on the plain-PyTorch ops, ``ops.use("torch")``, with
   ``F.cross_entropy`` on full logits) and ``torch.compile`` (that plain model compiled).
 - CPU, case ``tiny``: the ``tiny`` preset (4096-token vocabulary, 128 tokens, 8 sequences;
   64 tokens and 4 sequences when ``quick``). Implementations: ``llm_engine`` (fused chunked
@@ -34,7 +34,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +60,7 @@ class _Case:
 @dataclass(frozen=True)
 class _Impl:
     name: str
-    backend: str | None  # LLM_ENGINE_BACKEND while it runs (None: the engine's choice)
+    backend: str | None  # ops.use(backend) while it runs (None: the default choice)
     fused_loss: bool
     compile: bool
 
@@ -81,18 +80,11 @@ def _impls(device: str) -> list[_Impl]:
     return [_Impl(OURS, None, True, False), _Impl("plain-loss", None, False, False)]
 
 
-@contextlib.contextmanager
-def _backend(name: str | None) -> Iterator[None]:
-    saved = os.environ.get("LLM_ENGINE_BACKEND")
-    if name is not None:
-        os.environ["LLM_ENGINE_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("LLM_ENGINE_BACKEND", None)
-        else:
-            os.environ["LLM_ENGINE_BACKEND"] = saved
+def _backend(name: str | None) -> contextlib.AbstractContextManager:
+    """The ops' global shorthand while a measurement runs (None: the default choice)."""
+    from llm_engine import ops
+
+    return ops.use(name) if name is not None else contextlib.nullcontext()
 
 
 def _trainer(case: _Case, impl: _Impl, device: str) -> Trainer:
