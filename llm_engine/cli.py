@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     from llm_engine import LLM
 
+    config = engine_config_from_args(args)
     apply_backend_args(args.backend)
-    return LLM(model=args.model, config=engine_config_from_args(args),
-               quantization=args.quantization)
+    return LLM(model=args.model, config=config, quantization=args.quantization)
 
 
 def _params(args: argparse.Namespace):
