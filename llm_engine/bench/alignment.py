@@ -51,7 +51,7 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
     del ceilings
     sizes = _sizes(quick)
     dtype = torch.float32
-    model, tok = load_model("smollm2", device=device, dtype=dtype)
+    model, tok = load_model("smollm2", device=device, dtype=dtype, quantization="none")
     _, train_prompts, _ = demo_data.demo_rows()
     messages = [[{"role": "user", "content": p["prompt"]}] for p in train_prompts]
     freeze_bottom(model, 4)

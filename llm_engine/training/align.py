@@ -41,7 +41,8 @@ def align(cfg: AlignConfig) -> dict[str, Any]:
     from llm_engine.loader import load_model
 
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(init_from, device=device, dtype=torch.float32)
+    model, tokenizer = load_model(init_from, device=device, dtype=torch.float32,
+                                  quantization="none")
     freeze_bottom(model, cfg.train_layers)
     if not (out / "tokenizer" / "tokenizer.json").is_file():
         tokenizer.save(out / "tokenizer")

@@ -113,7 +113,8 @@ class RewardModel(nn.Module):
                 raise ValueError(f"{path} is not a reward-model checkpoint (no {HEAD_FILE}, "
                                  f"no checkpoints/latest.json naming one)")
             path = latest
-        backbone, tokenizer = load_model(str(path), device=device, dtype=dtype)
+        backbone, tokenizer = load_model(str(path), device=device, dtype=dtype,
+                                         quantization="none")
         model = cls(backbone, tokenizer)
         model.load_head(path)
         return model.eval()

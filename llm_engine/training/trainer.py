@@ -585,7 +585,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if init_from is not None:
         from llm_engine.loader import load_model
 
-        model, tokenizer = load_model(init_from, device=device, dtype=torch.float32)
+        model, tokenizer = load_model(init_from, device=device, dtype=torch.float32,
+                                       quantization="none")
         if cfg.tokenizer is not None:
             tokenizer = _load_tokenizer(cfg, kind, files, out, info)
     else:
