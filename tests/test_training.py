@@ -424,7 +424,7 @@ def test_sft_on_smollm2_lowers_the_loss_of_its_chat_examples(tmp_path):
     from llm_engine.loader import load_model
 
     require_default_model()
-    model, tokenizer = load_model("smollm2", device="cpu", dtype=torch.float32)
+    model, tokenizer = load_model("smollm2", device="cpu", dtype=torch.float32, quantization="none")
     examples = data_lib.build_sft_examples(CHATS, tokenizer, seq_len=64)
     assert (examples.targets != data_lib.IGNORE_INDEX).sum() < (examples.inputs != 0).sum() / 2
     cfg = TrainConfig.from_preset("smollm2-sft", out_dir=str(tmp_path), steps=2, batch_size=4,
