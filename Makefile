@@ -55,7 +55,8 @@ clean:
 # the venv's packages on PYTHONPATH; CI runs this after `make test`.
 TRITON36 := build/triton-3.6
 KERNEL_TESTS := tests/test_attention.py tests/test_cross_entropy.py tests/test_layer_norm.py \
-	tests/test_paged_attention.py tests/test_sampling.py tests/test_interpreter_compat.py
+	tests/test_paged_attention.py tests/test_sampling.py tests/test_interpreter_compat.py \
+	tests/test_sliding_window.py tests/test_moe.py tests/test_quant_matmul_kernel.py
 
 $(TRITON36)/.installed: | $(VENV)/bin/python
 	$(PIP) install -q --no-deps --target $(TRITON36) triton==3.6.0
