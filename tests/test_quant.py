@@ -3,9 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType
-from gguf.quants import dequantize as gguf_dequantize
-from gguf.quants import quantize as gguf_quantize
+
+pytest.importorskip("gguf", reason="the dequantizers are checked against the gguf package")
+
+from gguf import GGMLQuantizationType  # noqa: E402
+from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
+from gguf.quants import quantize as gguf_quantize  # noqa: E402
 
 from llm_engine import _C, ops
 from llm_engine.config import ModelConfig

@@ -27,6 +27,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
+pytest.importorskip("hypothesis", reason="the request-body property test needs the hypothesis package")
 
 import httpx  # noqa: E402
 import psutil  # noqa: E402
