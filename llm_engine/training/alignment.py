@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -263,6 +264,22 @@ class AlignTrainer(Trainer):
     def sample(self) -> list[str]:
         """The held-out answers of the last :meth:`behaviour` check (three at most)."""
         return self._samples
+
+    def _finish_step(self, totals: torch.Tensor, tokens: int, t0: float) -> dict[str, float]:
+        """Clip, step the optimiser and the schedule, and make the step's log record from
+        ``totals`` (loss, accuracy, margin: means over the micro-batches)."""
+        cfg = self.cfg
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        loss, acc, margin = totals.tolist()
+        return {"step": self.step, "loss": loss, "accuracy": acc, "margin": margin, "lr": lr,
+                "grad_norm": float(grad_norm), "tokens_per_s": tokens / dt, "step_ms": dt * 1e3}
 
     def describe_eval(self, record: dict[str, Any]) -> str:
         shown = {k: v for k, v in record.items() if isinstance(v, float)}

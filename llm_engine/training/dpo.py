@@ -115,17 +115,7 @@ class DPOTrainer(AlignTrainer):
                 / cfg.grad_accum
             tokens += sum(int(self.train_data.chosen.last[i] + self.train_data.rejected.last[i]) + 2
                           for i in mine)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        dt = time.perf_counter() - t0
-        loss, acc, margin = totals.tolist()
-        return {"step": self.step, "loss": loss, "accuracy": acc, "margin": margin, "lr": lr,
-                "grad_norm": float(grad_norm), "tokens_per_s": tokens / dt, "step_ms": dt * 1e3}
+        return self._finish_step(totals, tokens, t0)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:

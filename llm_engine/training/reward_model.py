@@ -158,20 +158,6 @@ class RewardTrainer(AlignTrainer):
             tokens += n
         return self._finish_step(totals, tokens, t0)
 
-    def _finish_step(self, totals: torch.Tensor, tokens: int, t0: float) -> dict[str, float]:
-        cfg = self.cfg
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        dt = time.perf_counter() - t0
-        loss, acc, margin = totals.tolist()
-        return {"step": self.step, "loss": loss, "accuracy": acc, "margin": margin, "lr": lr,
-                "grad_norm": float(grad_norm), "tokens_per_s": tokens / dt, "step_ms": dt * 1e3}
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Held-out Bradley–Terry loss, pair accuracy and mean margin (``eval_examples``
