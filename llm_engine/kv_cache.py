@@ -75,9 +75,8 @@ class KVCache:
         elif num_blocks <= 0:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = int(num_blocks)
-        self.cache = torch.zeros(
-            (num_layers, 2, self.num_blocks, block_size, kv_heads, head_dim),
-            dtype=dtype, device=self.device)
+        self.cache = _zeros((num_layers, 2, self.num_blocks, block_size, kv_heads, head_dim),
+                            dtype, self.device)
         self.manager = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
 
     @property
@@ -124,3 +123,16 @@ class KVCache:
         return (f"KVCache(layers={self.num_layers}, blocks={self.num_blocks}x{self.block_size}, "
                 f"kv_heads={self.kv_heads}, head_dim={self.head_dim}, dtype={self.dtype}, "
                 f"device={self.device}, {self.num_bytes / 2**20:.1f} MiB)")
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor; on the CPU one whose memory pages are committed only when first
+    written (``calloc``), so a cache sized for many long sequences takes resident memory
+    as its blocks come into use rather than all at once. 64-byte aligned, like torch's own
+    CPU allocations."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    raw = torch.from_numpy(np.zeros(nbytes + 64, dtype=np.uint8))
+    start = -raw.data_ptr() % 64
+    return raw[start:start + nbytes].view(dtype).view(shape)

@@ -109,3 +109,17 @@ def test_cuda_budget_is_a_fraction_of_free_memory():
     assert kv.cache.is_cuda
     assert kv.num_blocks == int(free * 0.05) // kv.bytes_per_block
     kv.copy_blocks([(0, 1)])
+
+
+def test_cpu_cache_is_zero_aligned_and_takes_memory_only_as_blocks_are_written():
+    psutil = pytest.importorskip("psutil")
+    process = psutil.Process()
+    before = process.memory_info().rss
+    kv = KVCache(num_layers=4, kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
+                 memory_bytes=1 << 30)
+    assert kv.cache.data_ptr() % 64 == 0 and kv.cache.is_contiguous()
+    assert process.memory_info().rss - before < (1 << 30) // 4
+    k, _ = kv.layer(3)
+    assert torch.equal(k[-1], torch.zeros_like(k[-1]))
+    k[:8].fill_(1.0)
+    assert float(kv.layer(3)[0][:8].sum()) == 8 * 16 * 2 * 64
