@@ -266,11 +266,15 @@ QuantFormat expect_blocks(const py::array_t<uint8_t>& w, const py::handle& w_obj
 }
 
 void quant_matmul_py(const py::handle& out_obj, const py::handle& x_obj,
-                     const py::handle& blocks_obj, const std::string& qtype, int num_threads) {
+                     const py::handle& blocks_obj, const std::string& qtype, int num_threads,
+                     bool int8_activations) {
   auto [out, out_stride] = expect_rows<float>(out_obj, "out", "float32", 2);
   auto x = expect_array<float>(x_obj, "x", "float32", 2);
   auto w = expect_array<uint8_t>(blocks_obj, "blocks", "uint8", 2);
   const QuantType type = quant_type_from_name(qtype);  // std::invalid_argument -> ValueError
+  if (int8_activations && !quant_matmul_int8_supported(type)) {
+    throw py::value_error("int8_activations=True does not take " + qtype + " weights");
+  }
   const int64_t m = x.shape(0), k = x.shape(1), n = w.shape(0);
   expect_blocks(w, blocks_obj, type, qtype, k, "x's last dimension (k)");
   if (out.shape(0) != m || out.shape(1) != n) {
@@ -285,7 +289,11 @@ void quant_matmul_py(const py::handle& out_obj, const py::handle& x_obj,
     throw py::value_error("out must not overlap x");
   }
   py::gil_scoped_release release;
-  quant_matmul(out_data, out_stride, x.data(), w.data(), type, m, n, k, num_threads);
+  if (int8_activations) {
+    quant_matmul_int8(out_data, out_stride, x.data(), w.data(), type, m, n, k, num_threads);
+  } else {
+    quant_matmul(out_data, out_stride, x.data(), w.data(), type, m, n, k, num_threads);
+  }
 }
 
 void quant_dequantize_py(const py::handle& out_obj, const py::handle& blocks_obj,
@@ -338,12 +346,18 @@ void register_cpu_kernels(py::module_& m) {
         "k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim) C-contiguous; k, v:\n"
         "(tokens, kv_heads, head_dim), contiguous within a row; slot_mapping: (tokens,) int64.");
   m.def("quant_matmul", &quant_matmul_py, py::arg("out"), py::arg("x"), py::arg("blocks"),
-        py::arg("qtype"), py::arg("num_threads") = 1,
+        py::arg("qtype"), py::arg("num_threads") = 1, py::arg("int8_activations") = false,
         "out = x @ W.T with W stored as GGUF blocks of qtype (q8_0, q4_0, q4_1, q4_k, q5_k,\n"
         "q6_k), fp32, written into out.\n\n"
+        "int8_activations: round each row of x to int8 per block first, as llama.cpp does,\n"
+        "and take integer dot products (only for the types quant_matmul_int8_supported\n"
+        "names; ValueError otherwise); else x stays fp32.\n"
         "x: (m, k) C-contiguous float32, k a multiple of the block size; blocks: (n, k / block *\n"
         "block_bytes) C-contiguous uint8, one weight row each; out: (m, n) float32, contiguous\n"
         "within a row (rows may be apart: a column slice of a wider output), not overlapping x.");
+  m.def("quant_matmul_int8_supported",
+        [](const std::string& qtype) { return quant_matmul_int8_supported(quant_type_from_name(qtype)); },
+        py::arg("qtype"), "Whether quant_matmul takes int8_activations=True for qtype.");
   m.def("quant_dequantize", &quant_dequantize_py, py::arg("out"), py::arg("blocks"),
         py::arg("qtype"), py::arg("num_threads") = 1,
         "The fp32 weight of GGUF blocks, written into out (rows, k) C-contiguous float32;\n"
