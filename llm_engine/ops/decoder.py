@@ -65,7 +65,8 @@ class DecoderStack:
 
     ``eps``: every RMSNorm's; ``scale``: the softmax scale. The native stack is built on
     first use by ``cpp`` and keeps the tensors alive; build a new stack when weights or
-    caches are replaced (in-place updates are seen)."""
+    caches are replaced (in-place updates are seen). ``on_cpu``: whether every weight
+    and cache is a CPU tensor, the caches fp32 (what ``cpp`` reads)."""
 
     layers: list[DecoderLayerWeights]
     heads: int
@@ -73,6 +74,7 @@ class DecoderStack:
     head_dim: int
     eps: float
     scale: float
+    on_cpu: bool = field(init=False)
     _native: object | None = field(default=None, repr=False)
 
     def native(self) -> object:
@@ -91,13 +93,13 @@ class DecoderStack:
             self._native = stack
         return self._native
 
-    @property
-    def on_cpu(self) -> bool:
-        """Whether every weight and cache is a CPU tensor (what ``cpp`` reads)."""
-        return all(p.blocks.is_cpu for layer in self.layers
-                   for proj in (layer.qkv, layer.o, layer.gate_up, layer.down) for p in proj) \
-            and all(layer.k_cache.is_cpu and layer.k_cache.dtype == torch.float32
-                    for layer in self.layers)
+    def __post_init__(self) -> None:
+        # Read on every step (the op's signature): worked out once.
+        self.on_cpu = all(
+            p.blocks.is_cpu for layer in self.layers
+            for proj in (layer.qkv, layer.o, layer.gate_up, layer.down) for p in proj
+        ) and all(layer.k_cache.is_cpu and layer.k_cache.dtype == torch.float32
+                  for layer in self.layers)
 
 
 def _np(t: torch.Tensor | None):
