@@ -46,15 +46,16 @@ def test_concurrency_and_ttft_rows_cover_each_level_and_note_the_missing_peer(
     rows = generate._concurrency_rows(llm, fp32, None, None, "cpu", SIZES, CEILINGS)
     rows += generate._ttft_rows(llm, fp32, None, None, "cpu", SIZES)
     measured = {(r.case, r.impl) for r in rows if r.value is not None}
-    assert measured == {(f"{case}-{n}", f"{OURS}-{kind}") for case, levels in
-                        (("streams", (1, 3)), ("ttft", (5, 9))) for n in levels
-                        for kind in ("quantized", "fp32")}
+    cases = [f"decode throughput streams={n}" for n in (1, 3)]
+    cases += [f"time to first token prompt={n}" for n in (5, 9)]
+    assert measured == {(c, f"{OURS}-{kind}") for c in cases for kind in ("quantized", "fp32")}
     assert all(r.value > 0 for r in rows if r.value is not None)
     missing = [r for r in rows if r.value is None]
-    assert {r.case for r in missing} == {"streams-1", "streams-3", "ttft-5", "ttft-9"}
+    assert {r.case for r in missing} == set(cases)
     assert all("pip install llama-cpp-python" in r.note for r in missing)
-    quantized = next(r for r in rows if r.case == "streams-3" and r.impl.endswith("quantized"))
+    quantized = next(r for r in rows if r.case == cases[1] and r.impl.endswith("quantized"))
     assert quantized.params["streams"] == 3 and f"x {OURS}-fp32" in quantized.note
     panels = plots._suite_panels(rows, plots.PLOT_SPECS["generate"])
     labels = {p["title"]: p["x_label"] for p in panels.values()}
-    assert labels == {"streams": "concurrent streams", "ttft": "prompt length (tokens)"}
+    assert labels == {"decode throughput": "concurrent streams",
+                      "time to first token": "prompt length (tokens)"}

@@ -22,10 +22,10 @@ Cases
   over the measured matmul peak. TTFT / TPOT percentiles of our requests are in
   ``note`` and ``params``.
 - CPU, quantized weights (the default for the GGUF file): llama.cpp on the same file
-  (``llamacpp.py``: ``decode-bs1``, ``prefill-1000``, ``peak-rss``); ``streams-<N>``:
-  decode throughput at 1 to 64 concurrent streams for ours (quantized and fp32), HF
-  and llama.cpp (one stream after another, up to 16); ``ttft-<L>``: time to first
-  token (ms) of an ``L``-token prompt for the same four; ``fidelity-1000``
+  (``llamacpp.py``: ``decode-bs1``, ``prefill-1000``, ``peak-rss``); ``decode throughput
+  streams=<N>``: decode throughput at 1 to 64 concurrent streams for ours (quantized and fp32), HF
+  and llama.cpp (one stream after another, up to 16); ``time to first token prompt=<L>``:
+  time to first token (ms) of an ``L``-token prompt for the same four; ``fidelity-1000``
   (``fidelity.py``).
 - CUDA only: ``decode-bs64`` (64 requests decoding together) and ``prefill``
   (16 × 1024-token prompts, one new token: prompt tokens/s); ``vllm`` rows when
@@ -409,11 +409,11 @@ def _concurrency_rows(llm, fp32_model: Transformer, hf, peer, device: str, sizes
             model = llm.model if name == f"{OURS}-quantized" else fp32_model
             frac = _bw_frac(r / streams, _weight_bytes(model), ceilings) \
                 if name != llamacpp.IMPL else _bw_frac(r, _weight_bytes(llm.model), ceilings)
-            rows.append(Row(SUITE, f"streams-{streams}", name, "tok/s", r,
+            rows.append(Row(SUITE, f"decode throughput streams={streams}", name, "tok/s", r,
                             ms=timings[name][0] * 1e3, ceiling_frac=frac, note=notes[name],
                             params={"streams": streams, "new_tokens": new, "prompt_tokens": 32}))
     if peer is None:
-        rows += llamacpp.missing_rows(tuple((f"streams-{n}", "tok/s") for n in STREAMS
+        rows += llamacpp.missing_rows(tuple((f"decode throughput streams={n}", "tok/s") for n in STREAMS
                                             if n <= PEER_STREAMS))
     return rows
 
@@ -438,10 +438,11 @@ def _ttft_rows(llm, fp32_model: Transformer, hf, peer, device: str, sizes: _Size
         for name, (t, _) in timings.items():
             note = ("; ".join(f"{timings[k][0] / ours:.2f}x faster than {k}" for k in timings
                               if k != name) if name == f"{OURS}-quantized" else "")
-            rows.append(Row(SUITE, f"ttft-{length}", name, "ms", t * 1e3, ms=t * 1e3, note=note,
-                            params={"prompt_len": length}))
+            rows.append(Row(SUITE, f"time to first token prompt={length}", name, "ms", t * 1e3,
+                            ms=t * 1e3, note=note, params={"prompt_len": length}))
     if peer is None:
-        rows += llamacpp.missing_rows(tuple((f"ttft-{n}", "ms") for n in TTFT_LENGTHS))
+        rows += llamacpp.missing_rows(tuple((f"time to first token prompt={n}", "ms")
+                                            for n in TTFT_LENGTHS))
     return rows
 
 

@@ -127,10 +127,10 @@ def _panels(rows: list[Row], spec: PlotSpec, split: frozenset[str] = frozenset()
         axis = tuple(k for k in keys if k not in split)
         others = tuple(sorted((k, str(v)) for k, v in row.params.items() if k not in axis))
         candidates = _templates(row.case, [float(row.params[k]) for k in keys])
-        points.append((row, x, (row.metric, others), candidates))
-    shared = Counter((group, t) for _, _, group, cands in points for t in set(cands))
+        points.append((row, x, keys, (row.metric, others), candidates))
+    shared = Counter((group, t) for _, _, _, group, cands in points for t in set(cands))
     panels: dict[tuple, dict] = {}
-    for row, x, (metric, others), candidates in points:
+    for row, x, keys, (metric, others), candidates in points:
         template = max(reversed(candidates), key=lambda t: shared[(metric, others), t])
         label = _title(template)
         extra = [f"{k}={v}" for k, v in others if k in split]
