@@ -368,3 +368,37 @@ def test_engine_and_trainer_logprobs_agree_bitwise_or_within_bound(tmp_path, tok
         assert torch.equal(trainer_lp.view(torch.int32), engine_lp.view(torch.int32))
     else:
         assert (trainer_lp - engine_lp).abs().max() < 1e-4
+
+
+def test_policy_and_reference_logprobs_share_the_frozen_bottom_bit_for_bit():
+    from llm_engine.training.losses import (
+        policy_and_reference_logprobs,
+        sequence_logprobs,
+        shared_bottom,
+    )
+
+    torch.manual_seed(0)
+    policy = Transformer(ModelConfig(**{**TINY, "num_layers": 3}))
+    freeze_bottom(policy, 1)
+    frozen = {id(p): p for p in policy.parameters() if not p.requires_grad}
+    import copy
+
+    reference = copy.deepcopy(policy, frozen).requires_grad_(False)
+    assert shared_bottom(policy, reference) == 2
+    assert shared_bottom(policy, copy.deepcopy(policy)) == 0
+    with torch.no_grad():
+        for p in policy.layers[2].parameters():
+            p.add_(0.01)  # the policy has moved away from the reference
+    inputs = torch.randint(0, 320, (3, 9))
+    targets = inputs.roll(-1, 1)
+    targets[:, :4] = data_lib.IGNORE_INDEX
+    targets[1, 7:] = data_lib.IGNORE_INDEX
+    logp, ref, mask = policy_and_reference_logprobs(policy, reference, inputs, targets, 2)
+    want, want_mask = sequence_logprobs(policy, inputs, targets)
+    with torch.no_grad():
+        want_ref, _ = sequence_logprobs(reference, inputs, targets)
+    assert torch.equal(mask, want_mask) and torch.equal(logp, want) and torch.equal(ref, want_ref)
+    assert not torch.equal(logp, ref) and (logp[~mask] == 0).all()
+    logp.sum().backward()
+    assert policy.layers[2].mlp.down_proj.weight.grad is not None
+    assert all(p.grad is None for p in policy.layers[0].parameters())

@@ -227,7 +227,8 @@ class AlignTrainer(Trainer):
 
             policy = self.backbone()
             c = policy.config
-            streams = max(1, len(self.eval_prompts), self.cfg.batch_size * self.cfg.group_size)
+            streams = max(1, len(self.eval_prompts[:self.cfg.eval_examples]),
+                          self.cfg.batch_size * self.cfg.group_size)
             longest = self.cfg.max_len + max(self.cfg.max_new_tokens, self.cfg.eval_max_tokens)
             block = 16
             blocks = streams * (-(-longest // block) + 1)

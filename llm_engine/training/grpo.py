@@ -43,7 +43,13 @@ from llm_engine.training.alignment import (
     checked_rewards,
     prompt_question,
 )
-from llm_engine.training.losses import group_advantages, grpo_loss, sequence_logprobs
+from llm_engine.training.losses import (
+    group_advantages,
+    grpo_loss,
+    policy_and_reference_logprobs,
+    sequence_logprobs,
+    shared_bottom,
+)
 
 
 class PromptSet:
@@ -72,7 +78,11 @@ class GRPOTrainer(AlignTrainer):
                  prompts: list[pref.Messages], *, reward_fn: RewardFn,
                  device: torch.device | str = "cpu",
                  eval_prompts: list[pref.Messages] | None = None) -> None:
-        self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        # The reference shares the policy's frozen weights (no copy) and runs the frozen
+        # bottom blocks once with it (policy_and_reference_logprobs).
+        frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
+        self.reference = copy.deepcopy(model, frozen).eval().requires_grad_(False)
+        self.shared_layers = shared_bottom(model, self.reference)
         data = PromptSet(prompts)
         super().__init__(cfg, model, tokenizer, data, data, device=device,
                          eval_prompts=eval_prompts, reward_fn=reward_fn)
@@ -131,21 +141,25 @@ class GRPOTrainer(AlignTrainer):
             old = torch.zeros(batch.targets.shape)
             for row, (p, lps) in enumerate(zip(p_ids[rows], r_lps[rows], strict=True)):
                 old[row, len(p) - 1:len(p) - 1 + len(lps)] = torch.tensor(lps)
-            with torch.no_grad():
-                ref, _ = sequence_logprobs(self.reference, batch.inputs.to(self.device),
-                                           batch.targets.to(self.device))
-            groups.append((batch, old.to(self.device), ref, advantages[rows].to(self.device)))
+            groups.append((batch, old.to(self.device), advantages[rows].to(self.device)))
 
         mismatch_sum, mismatch_max, n_tokens = 0.0, 0.0, 0
         kl_sum, clip_sum, loss_sum = 0.0, 0.0, 0.0
         grad_norm = 0.0
         lr = self.optimizer.param_groups[0]["lr"]
+        refs: list[torch.Tensor] = []
         # The backward pass recomputes the chunked log-probs: it runs under the same ops.
         with batch_invariant.enabled(cfg.bitwise_logprobs):
             for update in range(cfg.updates_per_rollout):
-                for batch, old, ref, adv in groups:
+                for g, (batch, old, adv) in enumerate(groups):
                     inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
-                    logp, mask = sequence_logprobs(self.model, inputs, targets)
+                    if update == 0:
+                        logp, ref, mask = policy_and_reference_logprobs(
+                            self.model, self.reference, inputs, targets, self.shared_layers)
+                        refs.append(ref)
+                    else:
+                        logp, mask = sequence_logprobs(self.model, inputs, targets)
+                        ref = refs[g]
                     loss, stats = grpo_loss(logp, old, ref, adv, mask, cfg.clip_eps, cfg.kl_coef)
                     (loss / len(groups)).backward()
                     if update == 0:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llm_engine import ops
+from llm_engine.model import AttentionMetadata
 from llm_engine.training.data import IGNORE_INDEX
 
 LOGPROB_CHUNK = 1024  # tokens whose (chunk, vocab) logits exist at once
@@ -46,14 +47,87 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def _target_logprobs(hidden: torch.Tensor, weight: torch.Tensor,
+                     targets: torch.Tensor) -> torch.Tensor:
+    """:func:`token_logprobs` of ``hidden (B*S, H)`` for ``targets (B, S)``, the LM head
+    run on the scored rows only (the answer tokens, not the prompt or the padding);
+    ``(B, S)`` fp32, 0 elsewhere."""
+    flat = targets.reshape(-1)
+    keep = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    picked = token_logprobs(hidden.index_select(0, keep), weight, flat.index_select(0, keep))
+    out = picked.new_zeros(flat.shape[0]).index_put((keep,), picked)
+    return out.view(targets.shape)
+
+
 def sequence_logprobs(model: torch.nn.Module, inputs: torch.Tensor,
                       targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs ``(B, S)`` of ``targets`` under ``model`` (a ``Transformer``)
-    for right-padded ``inputs, targets: (B, S)`` int64, and the response mask ``(B, S)``
-    bool (targets not ``IGNORE_INDEX``)."""
+    for right-padded ``inputs, targets: (B, S)`` int64 (0 where the target is
+    ``IGNORE_INDEX``), and the response mask ``(B, S)`` bool (targets not ``IGNORE_INDEX``)."""
     hidden = model.forward_batch(inputs)
-    logp = token_logprobs(hidden, model.lm_head_weight, targets.reshape(-1))
-    return logp.view(targets.shape), targets != IGNORE_INDEX
+    return _target_logprobs(hidden, model.lm_head_weight, targets), targets != IGNORE_INDEX
+
+
+def shared_bottom(policy: torch.nn.Module, reference: torch.nn.Module) -> int:
+    """How many leading blocks ``reference`` runs with the very same frozen weights as
+    ``policy`` (both ``Transformer``), their embeddings shared and frozen too: 0 when
+    the embeddings are not shared."""
+    def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+        pa, pb = list(a.parameters()), list(b.parameters())
+        return (len(pa) == len(pb)
+                and all(x is y and not x.requires_grad for x, y in zip(pa, pb, strict=True)))
+
+    embeds = [(policy.embed_tokens, reference.embed_tokens)]
+    if policy.embed_positions is not None:
+        embeds.append((policy.embed_positions, reference.embed_positions))
+    if not all(same(a, b) for a, b in embeds):
+        return 0
+    count = 0
+    for a, b in zip(policy.layers, reference.layers, strict=True):
+        if not same(a, b):
+            break
+        count += 1
+    return count
+
+
+def policy_and_reference_logprobs(policy: torch.nn.Module, reference: torch.nn.Module,
+                                  inputs: torch.Tensor, targets: torch.Tensor, shared: int
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sequence_logprobs` of ``policy`` (with its gradient) and of ``reference``
+    (without), the first ``shared`` blocks (:func:`shared_bottom`) run once for both.
+
+    The same ops in the same order as ``Transformer.forward_batch``, so each result
+    equals :func:`sequence_logprobs` bit for bit. Returns ``(policy (B, S), reference
+    (B, S), mask (B, S))``.
+    """
+    B, S = inputs.shape
+    ids = inputs.reshape(-1)
+    positions = torch.arange(S, device=inputs.device).repeat(B)
+    attn = AttentionMetadata.for_batch(B, S, inputs.device)
+    rope = policy.rope_tables(inputs.device)
+    if rope is not None:
+        rope = ops.rope_at(positions, *rope)
+    with torch.no_grad():
+        x = policy.embed_tokens(ids)
+        if policy.embed_positions is not None:
+            x = x + policy.embed_positions(positions)
+        residual = None
+        for layer in policy.layers[:shared]:
+            x, residual = layer(x, residual, attn, rope, None)
+
+    def top(model: torch.nn.Module) -> torch.Tensor:
+        h, r = x, residual
+        for layer in model.layers[shared:]:
+            if model.gradient_checkpointing and model.training:
+                h, r = checkpoint(layer, h, r, attn, rope, None, use_reentrant=False)
+            else:
+                h, r = layer(h, r, attn, rope, None)
+        h, _ = model.norm(h, r)
+        return _target_logprobs(h, model.lm_head_weight, targets)
+
+    with torch.no_grad():
+        ref = top(reference)
+    return top(policy), ref, targets != IGNORE_INDEX
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor
