@@ -10,7 +10,7 @@ from llm_engine import _C
 from llm_engine.kernels import attention as attention_kernels
 from llm_engine.kernels import check_window, resolve_softmax_scale
 from llm_engine.kernels import paged_attention as paged_kernels
-from llm_engine.ops.common import ANY, cpp_needs, on_cuda, rows_apart, triton_needs
+from llm_engine.ops.common import ANY, cpp_needs, never, on_cuda, rows_apart, triton_needs
 from llm_engine.ops.dispatch import Needs, Op, registry, tensor_facts
 
 
@@ -210,3 +210,94 @@ PAGED_PREFILL_ATTENTION.register("triton", paged_kernels.paged_prefill_attention
                                  triton_needs(grad=False), "Triton kernel", auto=on_cuda)
 PAGED_PREFILL_ATTENTION.register("reference", paged_kernels.paged_prefill_attention_reference,
                                  ANY, "plain PyTorch")
+
+
+# -- rowwise: one query at a time over exactly its own keys, in position order, whether
+# the keys come from the sequence (training, prefill) or from the paged cache (decode):
+# a token's attention takes the same code path wherever it is computed.
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query ``q (heads, d)`` over its keys ``k, v (L, kv_heads, d)`` -> ``(heads, d)``."""
+    group = q.shape[0] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # (heads, L, d)
+    v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = (q.unsqueeze(1) * k).sum(-1) * scale  # (heads, L)
+    p = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return (p.unsqueeze(-1) * v).sum(1)
+
+
+def _first_key(end: int, window: int | None) -> int:
+    """The first key position a query whose keys end (exclusive) at ``end`` sees."""
+    return 0 if window is None else max(0, end - window)
+
+
+def _attention_varlen_rowwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                              max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
+                              softmax_scale: float | None = None,
+                              window: int | None = None) -> torch.Tensor:
+    if not causal:
+        raise ValueError("attention_varlen=rowwise covers causal self-attention only "
+                         "(causal=True)")
+    window = check_window(window, causal)
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+    bounds = cu_seqlens_q.tolist()
+    outs = [_attend_one(q[t], k[a + _first_key(t + 1 - a, window):t + 1],
+                        v[a + _first_key(t + 1 - a, window):t + 1], scale)
+            for a, b in zip(bounds, bounds[1:], strict=False) for t in range(a, b)]
+    return torch.stack(outs) if outs else torch.empty_like(q)
+
+
+def _gather(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions ``[0, length)`` of one sequence from its cache blocks -> ``(length, kv, d)``."""
+    blocks = table[:-(-length // cache.shape[1])].long()
+    return cache[blocks].reshape(-1, *cache.shape[2:])[:length]
+
+
+def _paged_attention_rowwise(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             block_tables: torch.Tensor, context_lens: torch.Tensor,
+                             softmax_scale: float | None = None,
+                             window: int | None = None) -> torch.Tensor:
+    window = check_window(window)
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+    outs = []
+    for i, length in enumerate(context_lens.tolist()):
+        if length == 0:
+            outs.append(torch.zeros_like(q[i]))
+            continue
+        start = _first_key(length, window)
+        outs.append(_attend_one(q[i], _gather(k_cache, block_tables[i], length)[start:],
+                                _gather(v_cache, block_tables[i], length)[start:], scale))
+    return torch.stack(outs) if outs else torch.empty_like(q)
+
+
+def _paged_prefill_attention_rowwise(q: torch.Tensor, k_cache: torch.Tensor,
+                                     v_cache: torch.Tensor, block_tables: torch.Tensor,
+                                     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+                                     max_seqlen_q: int, softmax_scale: float | None = None,
+                                     window: int | None = None) -> torch.Tensor:
+    window = check_window(window)
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+    bounds = cu_seqlens_q.tolist()
+    outs = []
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        length = int(context_lens[i])
+        k = _gather(k_cache, block_tables[i], length)
+        v = _gather(v_cache, block_tables[i], length)
+        first = length - (b - a)  # position of the sequence's first new token
+        for t in range(a, b):
+            end = first + (t - a) + 1
+            start = _first_key(end, window)
+            outs.append(_attend_one(q[t], k[start:end], v[start:end], scale))
+    return torch.stack(outs) if outs else torch.empty_like(q)
+
+
+ATTENTION_VARLEN.register("rowwise", _attention_varlen_rowwise, Needs(facts=("self",)),
+                          "one query at a time over its own keys: batch-invariant, causal "
+                          "only (only when forced)", auto=never)
+PAGED_ATTENTION.register("rowwise", _paged_attention_rowwise, ANY,
+                         "one query at a time over its gathered keys: batch-invariant "
+                         "(only when forced)", auto=never)
+PAGED_PREFILL_ATTENTION.register("rowwise", _paged_prefill_attention_rowwise, ANY,
+                                 "one query at a time over its gathered keys: "
+                                 "batch-invariant (only when forced)", auto=never)

@@ -44,3 +44,19 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a C-contiguous ``(rows, last dim)`` matrix (itself when it already is one:
     these wrappers run a few hundred times per decode step, so every call counts)."""
     return t if t.dim() == 2 and t.is_contiguous() else t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def rowwise(fn, x: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
+    """``fn`` applied to each row of ``x`` (and the same row of each ``rest``) alone, as
+    a fresh ``(1, ...)`` tensor, the results concatenated: every row takes the code path
+    of a one-row call whatever the batch (the ``rowwise`` implementations, batch-invariant
+    by construction)."""
+    if x.shape[0] == 0:
+        return fn(x, *rest)
+    return torch.cat([fn(x[i:i + 1].clone(), *(None if r is None else r[i:i + 1].clone()
+                                               for r in rest)) for i in range(x.shape[0])])
+
+
+def never(sig: Signature) -> bool:
+    """An ``auto`` condition that always fails: the implementation runs only when forced."""
+    return False

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_engine import _C
-from llm_engine.ops.common import ANY, as_rows, cpp_needs, rows_apart
+from llm_engine.ops.common import ANY, as_rows, cpp_needs, never, rows_apart, rowwise
 from llm_engine.ops.dispatch import Op, registry, tensor_facts
 
 SILU_MUL = registry().add(Op("silu_mul", lambda h: tensor_facts("silu_mul", h),
@@ -92,3 +92,20 @@ SILU_MUL.register("cpp", _silu_mul_cpp, cpp_needs(), "C++ CPU kernel (_C.silu_mu
 SILU_MUL.register("reference", silu_mul_reference, ANY, "plain PyTorch")
 APPLY_ROPE.register("cpp", _apply_rope_cpp, cpp_needs(("layout",)), "C++ CPU kernel (_C.rope)")
 APPLY_ROPE.register("reference", apply_rope_reference, ANY, "plain PyTorch, in fp32")
+
+
+def _silu_mul_rowwise(h: torch.Tensor) -> torch.Tensor:
+    flat = h.reshape(-1, h.shape[-1])
+    return rowwise(silu_mul_reference, flat).view(*h.shape[:-1], h.shape[-1] // 2)
+
+
+def _apply_rope_rowwise(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return rowwise(apply_rope_reference, x, cos, sin)
+
+
+SILU_MUL.register("rowwise", _silu_mul_rowwise, ANY,
+                  "plain PyTorch one row at a time: batch-invariant (only when forced)",
+                  auto=never)
+APPLY_ROPE.register("rowwise", _apply_rope_rowwise, ANY,
+                    "plain PyTorch one token at a time: batch-invariant (only when forced)",
+                    auto=never)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llm_engine.ops.common import never, rowwise
 from llm_engine.ops.dispatch import Needs, Op, registry, tensor_facts
 from llm_engine.quant import QuantizedWeight
 
@@ -138,3 +139,15 @@ LINEAR.register("onednn", _linear_onednn,
                       facts=("matrix", "onednn")),
                 "oneDNN matmul (packed weights in inference), its own backward")
 LINEAR.register("reference", _linear_torch, Needs(), "F.linear (MKL on CPU, cuBLAS on CUDA)")
+
+
+def _linear_rowwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    packed: PackedWeight | None = None) -> torch.Tensor:
+    """One ``F.linear`` per row of ``x`` on the weight itself (never the packed copy)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = rowwise(lambda r: F.linear(r, weight, bias), flat)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+LINEAR.register("rowwise", _linear_rowwise, Needs(),
+                "F.linear one row at a time: batch-invariant (only when forced)", auto=never)

@@ -6,7 +6,7 @@ import torch
 
 from llm_engine import _C
 from llm_engine.kernels import layer_norm as norm_kernels
-from llm_engine.ops.common import ANY, as_rows, cpp_needs, on_cuda, triton_needs
+from llm_engine.ops.common import ANY, as_rows, cpp_needs, never, on_cuda, rowwise, triton_needs
 from llm_engine.ops.dispatch import Op, registry, tensor_facts
 
 
@@ -76,3 +76,34 @@ RMS_NORM.register("triton", norm_kernels.rms_norm, triton_needs(grad=True),
                   "Triton kernel, fused residual, its own backward", auto=on_cuda)
 RMS_NORM.register("cpp", _rms_norm_cpp, cpp_needs(("shapes",)), "C++ CPU kernel (_C.rms_norm)")
 RMS_NORM.register("reference", norm_kernels.rms_norm_reference, ANY, "plain PyTorch")
+
+
+def _norm_rowwise(norm, x: torch.Tensor, residual: torch.Tensor | None, *params):
+    flat = x.reshape(-1, x.shape[-1])
+    if residual is None:
+        return rowwise(lambda r: norm(r, *params), flat).view(x.shape)
+    res = residual.reshape(-1, x.shape[-1])
+    pairs = [norm(flat[i:i + 1].clone(), *params, residual=res[i:i + 1].clone())
+             for i in range(flat.shape[0])]
+    return (torch.cat([p[0] for p in pairs]).view(x.shape),
+            torch.cat([p[1] for p in pairs]).view(x.shape))
+
+
+def _rms_norm_rowwise(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                      residual: torch.Tensor | None = None):
+    return _norm_rowwise(lambda r, *, residual=None: norm_kernels.rms_norm_reference(
+        r, weight, eps=eps, residual=residual), x, residual)
+
+
+def _layer_norm_rowwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        eps: float, residual: torch.Tensor | None = None):
+    return _norm_rowwise(lambda r, *, residual=None: norm_kernels.layer_norm_reference(
+        r, weight, bias, eps=eps, residual=residual), x, residual)
+
+
+LAYER_NORM.register("rowwise", _layer_norm_rowwise, ANY,
+                    "plain PyTorch one row at a time: batch-invariant (only when forced)",
+                    auto=never)
+RMS_NORM.register("rowwise", _rms_norm_rowwise, ANY,
+                  "plain PyTorch one row at a time: batch-invariant (only when forced)",
+                  auto=never)
