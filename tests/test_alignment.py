@@ -402,3 +402,53 @@ def test_policy_and_reference_logprobs_share_the_frozen_bottom_bit_for_bit():
     logp.sum().backward()
     assert policy.layers[2].mlp.down_proj.weight.grad is not None
     assert all(p.grad is None for p in policy.layers[0].parameters())
+
+
+def test_bitwise_mode_forces_the_rowwise_implementations_in_this_thread_only():
+    import threading
+
+    from llm_engine import ops
+    from llm_engine.training import batch_invariant
+
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    reg = ops.registry()
+    seen = {}
+    with batch_invariant.enabled():
+        assert {op: reg.choose(op, *args) for op, args in
+                (("linear", (x, w)), ("rms_norm", (x, w[0], 1e-5)), ("silu_mul", (x,)))} \
+            == dict.fromkeys(("linear", "rms_norm", "silu_mul"), "rowwise")
+        thread = threading.Thread(target=lambda: seen.update(linear=reg.choose("linear", x, w)))
+        thread.start()
+        thread.join()
+        assert torch.equal(ops.linear(x, w), torch.cat([ops.linear(r[None], w) for r in x]))
+    assert seen == {"linear": "onednn"} and reg.choose("linear", x, w) == "onednn"
+    with batch_invariant.enabled(False):
+        assert reg.choose("linear", x, w) == "onednn"
+
+
+@pytest.mark.parametrize("window, release", [(None, False), (3, True), (6, False)])
+def test_rowwise_paged_attention_reads_only_the_window_and_matches_the_reference(window,
+                                                                                release):
+    from llm_engine.kernels import paged_attention as paged
+
+    from llm_engine import ops
+
+    torch.manual_seed(0)
+    k_cache, v_cache = torch.randn(6, 4, 1, 8), torch.randn(6, 4, 1, 8)
+    tables = torch.tensor([[2, 0, 5], [1, 3, 4]], dtype=torch.int32)
+    lens = torch.tensor([7, 11], dtype=torch.int32)
+    released = tables.clone()
+    if release:  # sequence 1's first block is wholly before every query's window
+        released[1, 0] = -1
+    kw = {} if window is None else {"window": window}
+    reg = ops.registry()
+    q = torch.randn(2, 2, 8)
+    got = reg.implementation("paged_attention", "rowwise")(q, k_cache, v_cache, released, lens,
+                                                          **kw)
+    want = paged.paged_attention_reference(q, k_cache, v_cache, tables, lens, **kw)
+    torch.testing.assert_close(got, want)
+    q, cu = torch.randn(5, 2, 8), torch.tensor([0, 2, 5], dtype=torch.int32)
+    got = reg.implementation("paged_prefill_attention", "rowwise")(
+        q, k_cache, v_cache, released, cu, lens, 3, **kw)
+    want = paged.paged_prefill_attention_reference(q, k_cache, v_cache, tables, cu, lens, 3, **kw)
+    torch.testing.assert_close(got, want)

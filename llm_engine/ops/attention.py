@@ -248,10 +248,14 @@ def _attention_varlen_rowwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.stack(outs) if outs else torch.empty_like(q)
 
 
-def _gather(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
-    """Positions ``[0, length)`` of one sequence from its cache blocks -> ``(length, kv, d)``."""
-    blocks = table[:-(-length // cache.shape[1])].long()
-    return cache[blocks].reshape(-1, *cache.shape[2:])[:length]
+def _gather(cache: torch.Tensor, table: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Positions ``[start, end)`` of one sequence from its cache blocks -> ``(end - start,
+    kv, d)``; only the blocks holding them are read (blocks before a sliding window may
+    have been released, -1 in the table)."""
+    size = cache.shape[1]
+    first = start // size
+    blocks = table[first:-(-end // size)].long()
+    return cache[blocks].reshape(-1, *cache.shape[2:])[start - first * size:end - first * size]
 
 
 def _paged_attention_rowwise(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -266,8 +270,8 @@ def _paged_attention_rowwise(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
             outs.append(torch.zeros_like(q[i]))
             continue
         start = _first_key(length, window)
-        outs.append(_attend_one(q[i], _gather(k_cache, block_tables[i], length)[start:],
-                                _gather(v_cache, block_tables[i], length)[start:], scale))
+        outs.append(_attend_one(q[i], _gather(k_cache, block_tables[i], start, length),
+                                _gather(v_cache, block_tables[i], start, length), scale))
     return torch.stack(outs) if outs else torch.empty_like(q)
 
 
@@ -282,13 +286,15 @@ def _paged_prefill_attention_rowwise(q: torch.Tensor, k_cache: torch.Tensor,
     outs = []
     for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
         length = int(context_lens[i])
-        k = _gather(k_cache, block_tables[i], length)
-        v = _gather(v_cache, block_tables[i], length)
         first = length - (b - a)  # position of the sequence's first new token
+        base = _first_key(first + 1, window)  # the first key any of its queries sees
+        k = _gather(k_cache, block_tables[i], base, length)
+        v = _gather(v_cache, block_tables[i], base, length)
         for t in range(a, b):
             end = first + (t - a) + 1
             start = _first_key(end, window)
-            outs.append(_attend_one(q[t], k[start:end], v[start:end], scale))
+            outs.append(_attend_one(q[t], k[start - base:end - base],
+                                    v[start - base:end - base], scale))
     return torch.stack(outs) if outs else torch.empty_like(q)
 
 
