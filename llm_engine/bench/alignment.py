@@ -11,10 +11,16 @@ and one GRPO step split into rollout, scoring and update.
 - ``grpo-step``: one :meth:`GRPOTrainer.train_step` of the ``smollm2-grpo`` preset's shape
   (the last ``train_layers`` blocks trained), reported as three rows, ``rollout``,
   ``scoring`` and ``update`` (``value``: seconds; ``ms`` the same).
+- ``bitwise-step``: the cost of ``bitwise_logprobs`` (the ``rowwise`` ops in rollout and
+  recomputation): GRPO steps of one prompt × 2 answers of 8 tokens, the default mode
+  and the bitwise mode taking turns on one trainer, each the fastest of ``repeats``;
+  rows ``default`` and ``bitwise`` (``value``: seconds per step), the bitwise row's note
+  giving the ratio and each mode's log-prob mismatch.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -119,6 +125,35 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
                   note=f"{ms / 1e3 / total:.0%} of a {total:.1f} s step; "
                        f"logprob mismatch {metrics['logprob_mismatch']:.2e}",
                   params=step_params)
+    yield from _bitwise_rows(model, tok, messages, device, sizes.repeats)
+
+
+def _bitwise_rows(model, tok, messages: list, device: str, repeats: int) -> Iterator[Row]:
+    """GRPO steps in the default and the bitwise mode, in turn on one small trainer."""
+    from llm_engine.training import demo_data
+    from llm_engine.training.alignment import AlignConfig
+    from llm_engine.training.grpo import GRPOTrainer
+
+    cfg = AlignConfig(out_dir=os.devnull, method="grpo", batch_size=1, group_size=2,
+                      max_new_tokens=8, progress=False, plots=False, lr=1e-5, warmup_steps=1,
+                      steps=2 * repeats, device=device)
+    trainer = GRPOTrainer(cfg, model, tok, messages, reward_fn=demo_data.one_sentence_reward,
+                          device=device)
+    best: dict[bool, float] = {}
+    mismatch: dict[bool, float] = {}
+    for _ in range(repeats):
+        for bitwise in (False, True):
+            trainer.cfg.bitwise_logprobs = bitwise
+            t0 = time.perf_counter()
+            metrics = trainer.train_step()
+            best[bitwise] = min(best.get(bitwise, math.inf), time.perf_counter() - t0)
+            mismatch[bitwise] = max(mismatch.get(bitwise, 0.0), metrics["logprob_mismatch_max"])
+    params = {"prompts": 1, "group": 2, "new_tokens": 8}
+    yield Row(SUITE, "bitwise-step", "default", "s", best[False], ms=best[False] * 1e3,
+              note=f"max logprob mismatch {mismatch[False]:.2e}", params=params)
+    yield Row(SUITE, "bitwise-step", "bitwise", "s", best[True], ms=best[True] * 1e3,
+              note=f"{best[True] / best[False]:.1f}x the default step; max logprob mismatch "
+                   f"{mismatch[True]:.2e}", params=params)
 
 
 def run(device: str, quick: bool, ceilings: Ceilings) -> list[Row]:
