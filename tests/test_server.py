@@ -375,6 +375,33 @@ def test_models_health_and_metrics(served, client, tokenizer):
         assert (name, ()) in after, name
 
 
+def test_running_and_waiting_gauges_count_requests_and_sequences_apart(model, tokenizer):
+    from llm_engine.server.async_engine import AsyncEngine
+    from llm_engine.server.metrics import ServerMetrics
+
+    llm = make_llm(model, tokenizer, max_num_seqs=4)
+    front = AsyncEngine(llm.engine, metrics=ServerMetrics())
+    ids = tokenizer.encode("gauges")
+
+    def add(i: int, n: int) -> None:
+        llm.engine.add_request(None, ids, SamplingParams(max_tokens=50, n=n, seed=i,
+                                                         ignore_eos=True), request_id=f"g{i}")
+
+    add(0, 4)
+    llm.engine.step()  # request g0 is scheduled and forks into its four sequences
+    add(1, 2)
+    add(2, 1)
+    front._snapshot()
+    m = front.metrics
+    assert (m.running._value.get(), m.running_seqs._value.get()) == (1, 4)
+    assert (m.waiting._value.get(), m.waiting_seqs._value.get()) == (2, 2)
+    for i in range(3):
+        llm.engine.abort(f"g{i}")
+    front._snapshot()
+    assert [g._value.get() for g in (m.running, m.waiting, m.running_seqs, m.waiting_seqs)] \
+        == [0, 0, 0, 0]
+
+
 def test_client_disconnect_aborts_the_request_and_frees_its_blocks(served):
     server, app, llm = served
     wait_idle(app)
@@ -557,10 +584,11 @@ def test_bench_serve_load_generator_measures_concurrency_and_rate_cases(served, 
 
     from llm_engine.bench import serve as bench
 
-    server = SimpleNamespace(url=served[0].url, model=MODEL, name="ours")
+    server = SimpleNamespace(url=served[0].url, model=MODEL, name="ours",
+                             extra={"ignore_eos": True})
     prompts = bench._prompts(4, 6, seed=0)
     for concurrency, rate in ((2, None), (None, 50.0)):
-        results, wall = asyncio.run(bench._run_case(server, prompts, 5, True, concurrency, rate,
+        results, wall = asyncio.run(bench._run_case(server, prompts, 5, concurrency, rate,
                                                     seed=0))
         assert len(results) == 4 and all(r.ok for r in results), [r.error for r in results]
         row = bench._row("ours", "case", {"concurrency": 2}, results, wall, tokenizer)
@@ -568,7 +596,7 @@ def test_bench_serve_load_generator_measures_concurrency_and_rate_cases(served, 
         assert row.params["output_tokens"] == sum(len(tokenizer.encode(r.text)) for r in results)
         assert 0 < row.params["ttft_p50_ms"] <= row.params["ttft_p99_ms"]
         assert row.params["itl_p50_ms"] > 0 and "TTFT p50/p90/p99" in row.note
-    bad = SimpleNamespace(url=served[0].url, model="nope", name="ours")
-    results, wall = asyncio.run(bench._run_case(bad, prompts[:1], 5, True, 1, None, seed=0))
+    bad = SimpleNamespace(url=served[0].url, model="nope", name="ours", extra={})
+    results, wall = asyncio.run(bench._run_case(bad, prompts[:1], 5, 1, None, seed=0))
     row = bench._row("ours", "case", {}, results, wall, tokenizer)
     assert row.value is None and "HTTP 404" in row.note
