@@ -75,7 +75,7 @@ class _Sizes:
 def _sizes(quick: bool) -> _Sizes:
     if quick:
         return _Sizes((1, 4), (2.0,), 4, 16, 8)
-    return _Sizes((1, 4, 16), (1.0, 4.0), 12, 48, 32)
+    return _Sizes((1, 4, 16), (2.0,), 12, 32, 32)
 
 
 def _requests_for(concurrency: int) -> int:

@@ -121,10 +121,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def _bucket_rows(rows: int) -> int:
     """``rows`` rounded up to one of 8 steps per power of two (exact up to 16): at most
-    1/8 more rows, and about 90 row counts up to 8192. oneDNN keeps a primitive for
-    each shape it meets (two caches of up to 1024 each, about half a MiB apiece for
-    this model size), so an engine whose batches take every row count from 1 to
-    thousands would otherwise grow its memory with each new batch size."""
+    1/8 more rows, and 88 row counts up to 8192. oneDNN keeps a primitive for each
+    shape it meets (in two caches of up to 1024 each), so an engine whose batches take
+    every row count from 1 to thousands would otherwise grow its memory with each new
+    batch size until those caches are full."""
     if rows <= 16:
         return rows
     step = 1 << (rows.bit_length() - 4)
