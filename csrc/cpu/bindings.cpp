@@ -107,6 +107,17 @@ void expect_threads(int num_threads) {
   if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
 }
 
+// Every slot_mapping entry a cache slot in [0, num_slots) or -1 (skip).
+void expect_slots(const int64_t* slots, int64_t n, int64_t num_slots) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (slots[i] < -1 || slots[i] >= num_slots) {
+      throw py::value_error("slot_mapping[" + std::to_string(i) + "] = " +
+                            std::to_string(slots[i]) + " is not a cache slot in [0, " +
+                            std::to_string(num_slots) + ") nor -1 (skip)");
+    }
+  }
+}
+
 void decode(const py::handle& out_obj, const py::handle& q_obj, const py::handle& k_obj,
             const py::handle& v_obj, const py::handle& tables_obj, const py::handle& lens_obj,
             float scale, int num_threads, int64_t window) {
@@ -234,15 +245,8 @@ void store_kv_py(const py::handle& k_cache_obj, const py::handle& v_cache_obj,
   }
   expect_writeable(k_cache, "k_cache");
   expect_writeable(v_cache, "v_cache");
-  const int64_t num_slots = k_cache.shape(0) * k_cache.shape(1);
   const int64_t* s = slots.data();
-  for (int64_t i = 0; i < slots.shape(0); ++i) {
-    if (s[i] < -1 || s[i] >= num_slots) {
-      throw py::value_error("slot_mapping[" + std::to_string(i) + "] = " + std::to_string(s[i]) +
-                            " is not a cache slot in [0, " + std::to_string(num_slots) +
-                            ") nor -1 (skip)");
-    }
-  }
+  expect_slots(s, slots.shape(0), k_cache.shape(0) * k_cache.shape(1));
   float* k_data = k_cache.mutable_data();
   float* v_data = v_cache.mutable_data();
   py::gil_scoped_release release;
@@ -408,15 +412,8 @@ class DecoderStack {
     expect_writeable(x, "x");
     expect_writeable(residual, "residual_out");
     expect_threads(num_threads);
-    const int64_t num_slots = dims_.num_blocks * dims_.block_size;
     const int64_t* s = slots.data();
-    for (int64_t i = 0; i < tokens; ++i) {
-      if (s[i] < -1 || s[i] >= num_slots) {
-        throw py::value_error("slot_mapping[" + std::to_string(i) + "] = " + std::to_string(s[i]) +
-                              " is not a cache slot in [0, " + std::to_string(num_slots) +
-                              ") nor -1 (skip)");
-      }
-    }
+    expect_slots(s, tokens, dims_.num_blocks * dims_.block_size);
     const DecodeShape shape{tokens, dims_.heads, dims_.kv_heads, dims_.head_dim,
                             dims_.num_blocks, dims_.block_size, tables.shape(1)};
     check_decode_inputs(tables.data(), lens.data(), shape);  // std::invalid_argument -> ValueError
