@@ -223,8 +223,8 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    _store_rows(_token_base(O, q_start, stride_ot, head, stride_oh), acc.to(O.dtype.element_ty), offs_m, stride_ot, seqlen_q, offs_d,
-                HEAD_DIM, BLOCK_D)
+    _store_rows(_token_base(O, q_start, stride_ot, head, stride_oh), acc.to(O.dtype.element_ty),
+                offs_m, stride_ot, seqlen_q, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(LSE + head * stride_lse_h + q_start + offs_m, lse, mask=offs_m < seqlen_q)
 
 
@@ -407,8 +407,9 @@ def _attn_bwd_dq_kernel(
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, off_end,
                        band_end, offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale, CAUSAL, True,
                        HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, WINDOW)
-    _store_rows(_token_base(DQ, q_start, stride_dqt, head, stride_dqh), (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqt,
-                seqlen_q, offs_d, HEAD_DIM, BLOCK_D)
+    _store_rows(_token_base(DQ, q_start, stride_dqt, head, stride_dqh),
+                (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqt, seqlen_q,
+                offs_d, HEAD_DIM, BLOCK_D)
 
 
 # --------------------------------------------------------------------------- autotuning
