@@ -168,9 +168,10 @@ def _query_block(CU_Q, BLOCK_M: tl.constexpr):
     """(head, seq, q_start, seqlen_q, start_m) of a program over one query block; the
     last query blocks come first, since under a causal mask they visit the most keys."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    head = tl.program_id(1)
     seq = tl.program_id(2)
     q_start, seqlen_q = _seq_span(CU_Q, seq)
-    return tl.program_id(1), seq, q_start, seqlen_q, pid_m * BLOCK_M
+    return head, seq, q_start, seqlen_q, pid_m * BLOCK_M
 
 
 @triton.jit
@@ -181,15 +182,16 @@ def _query_block_setup(Q, K, V, CU_K, seq, head, q_start, seqlen_q, start_m,
     """A query block's q tile, its sequence's K/V bases and key length, the diagonal offset
     and the row, key and lane offsets: what the forward and dQ kernels start from."""
     k_start, seqlen_k = _seq_span(CU_K, seq)
+    diag = seqlen_k - seqlen_q
     kv_head = head // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(_token_base(Q, q_start, stride_qt, head, stride_qh), offs_m, stride_qt,
-                   seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    q_base = _token_base(Q, q_start, stride_qt, head, stride_qh)
     k_base = _token_base(K, k_start, stride_kt, kv_head, stride_kh)
     v_base = _token_base(V, k_start, stride_vt, kv_head, stride_vh)
-    return (q, k_base, v_base, seqlen_k, seqlen_k - seqlen_q, offs_m, tl.arange(0, BLOCK_N),
-            offs_d)
+    q = _load_rows(q_base, offs_m, stride_qt, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    return q, k_base, v_base, seqlen_k, diag, offs_m, offs_n, offs_d
 
 
 @triton.jit
