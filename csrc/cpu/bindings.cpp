@@ -132,7 +132,7 @@ void decode(const py::handle& out_obj, const py::handle& q_obj, const py::handle
   expect_writeable(out, "out");
   expect_threads(num_threads);
   if (window < 0) throw py::value_error("window must be >= 0 (0: no sliding window)");
-  check_decode_inputs(tables.data(), lens.data(), s);  // std::invalid_argument -> ValueError
+  check_decode_inputs(tables.data(), lens.data(), s, window);  // invalid_argument -> ValueError
   float* out_data = out.mutable_data();
   py::gil_scoped_release release;
   paged_decode_attention(out_data, q.data(), k.data(), v.data(), tables.data(), lens.data(), s,
