@@ -31,7 +31,7 @@ find "$WORK/pkg" -name '_C*.so' -delete
 find "$WORK/pkg" -name '__pycache__' -prune -exec rm -rf {} +
 cp "$WORK"/lib/llm_engine/_C*.so "$WORK/pkg/llm_engine/"
 cp tests/test_block_manager.py tests/test_block_manager_property.py tests/test_cpu_attention.py \
-  tests/test_cpu_layer_ops.py tests/test_quant.py \
+  tests/test_cpu_layer_ops.py tests/test_quant.py tests/test_quant_int8.py \
   tests/testing_utils.py "$WORK/tests/"
 
 ASAN_RT="$(gcc -print-file-name=libasan.so)"

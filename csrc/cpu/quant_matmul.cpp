@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -301,7 +303,330 @@ void matmul_kquant(float* out, int64_t out_stride, const float* x, const uint8_t
   }
 }
 
+// ---------------------------------------------------------------- int8 activations
+// llama.cpp's scheme: each x row is rounded to int8 per 32-value block (scale d = max|x| /
+// 127, q = round(x / d), ties away from zero), then every weight block takes an integer
+// dot product with it. Per block and (x row, weight row), the 32 products are summed in 8
+// int32 lanes (lane l: values 4l .. 4l+3, exact), each lane converted to float and
+// accumulated with one fma by dw * dx; the 8 lanes are added at the end in a fixed tree.
+// The AVX2 and the plain C++ path follow those steps exactly, so they agree bit for bit.
+// Q4_1 adds mw * sx per block, sx = dx * sum(q) of the x block (its offset term).
+constexpr int kLanes = 8;
+
+// x (m, k) rounded per block: q (m, k), d (m, k / 32), s = d * sum(q) (Q4_1 only).
+struct Int8Rows {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<float> s;
+};
+
+bool int8_use_avx2();
+
+// One block of 32 values: scale and sum of its levels. A block with a NaN or an infinity
+// gets scale NaN (so the rows it feeds come out NaN) and levels 0.
+void quantize_block32_generic(const float* x, int8_t* q, float* d_out, int32_t* sum) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t l = 0; l < kQ; ++l) {
+    const float a = std::fabs(x[l]);
+    finite = finite && a <= std::numeric_limits<float>::max();
+    amax = std::max(amax, a);
+  }
+  if (!finite) {
+    std::memset(q, 0, kQ);
+    *d_out = std::numeric_limits<float>::quiet_NaN();
+    *sum = 0;
+    return;
+  }
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  int32_t s = 0;
+  for (int64_t l = 0; l < kQ; ++l) {
+    const int32_t v = static_cast<int32_t>(std::round(x[l] * id));  // |v| <= 127
+    q[l] = static_cast<int8_t>(v);
+    s += v;
+  }
+  *d_out = d;
+  *sum = s;
+}
+
+// The integer dot product of weight block `blk` with x levels `xq`, in kLanes lanes.
+template <QuantType T>
+inline void block_dot_lanes(const uint8_t* blk, const int8_t* xq, int32_t* lanes) {
+  int32_t w[kQ];
+  if constexpr (T == QuantType::kQ8_0) {
+    for (int64_t l = 0; l < kQ; ++l) w[l] = static_cast<int8_t>(blk[2 + l]);
+  } else {
+    constexpr int bias = T == QuantType::kQ4_0 ? 8 : 0;
+    const uint8_t* qs = blk + (T == QuantType::kQ4_1 ? 4 : 2);
+    for (int64_t l = 0; l < 16; ++l) {
+      w[l] = (qs[l] & 0xF) - bias;
+      w[l + 16] = (qs[l] >> 4) - bias;
+    }
+  }
+  for (int lane = 0; lane < kLanes; ++lane) {
+    int32_t s = 0;
+    for (int e = 4 * lane; e < 4 * lane + 4; ++e) s += w[e] * xq[e];
+    lanes[lane] = s;
+  }
+}
+
+// The fixed order in which the 8 lanes are added (that of hsum above).
+inline float lanes_sum(const float* v) {
+  const float a0 = v[0] + v[4], a1 = v[1] + v[5], a2 = v[2] + v[6], a3 = v[3] + v[7];
+  return (a0 + a2) + (a1 + a3);
+}
+
+// out[(i0 + r) * out_stride + j0 + c] for x rows i0 .. i0 + MR - 1 and weight rows
+// j0 .. j0 + NR - 1 (rows row_bytes apart from w).
+template <QuantType T, int MR, int NR>
+void int8_dot_generic(const uint8_t* w, int64_t row_bytes, int64_t nb, const Int8Rows& a,
+                      int64_t i0, int64_t j0, float* out, int64_t out_stride) {
+  float acc[MR][NR][kLanes] = {};
+  float off[MR][NR] = {};
+  int32_t lanes[kLanes];
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int c = 0; c < NR; ++c) {
+      const uint8_t* blk = w + (j0 + c) * row_bytes + b * block_bytes<T>();
+      const float dw = fp16_to_fp32(blk);
+      for (int r = 0; r < MR; ++r) {
+        const int64_t xb = (i0 + r) * nb + b;
+        block_dot_lanes<T>(blk, a.q.data() + xb * kQ, lanes);
+        const float d = dw * a.d[xb];
+        for (int l = 0; l < kLanes; ++l) {
+          acc[r][c][l] = std::fma(d, static_cast<float>(lanes[l]), acc[r][c][l]);
+        }
+        if constexpr (T == QuantType::kQ4_1) {
+          off[r][c] = std::fma(fp16_to_fp32(blk + 2), a.s[xb], off[r][c]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int c = 0; c < NR; ++c) out[(i0 + r) * out_stride + j0 + c] = lanes_sum(acc[r][c]) + off[r][c];
+  }
+}
+
+#if LLM_ENGINE_HAVE_AVX2_PATH
+// quantize_block32_generic with AVX2; the same result bit for bit (ties away from zero:
+// truncate, then step away from zero where the exact remainder is at least one half).
+__attribute__((target("avx2,fma"))) void quantize_block32_avx2(const float* x, int8_t* q,
+                                                               float* d_out, int32_t* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  __m256 bad = _mm256_setzero_ps();
+  const __m256 fmax = _mm256_set1_ps(std::numeric_limits<float>::max());
+  for (int c = 0; c < 4; ++c) {
+    v[c] = _mm256_loadu_ps(x + 8 * c);
+    const __m256 a = _mm256_andnot_ps(sign, v[c]);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, fmax, _CMP_NLE_UQ));  // NaN or inf
+    amax = _mm256_max_ps(amax, a);
+  }
+  if (_mm256_movemask_ps(bad)) {
+    std::memset(q, 0, kQ);
+    *d_out = std::numeric_limits<float>::quiet_NaN();
+    *sum = 0;
+    return;
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float d = _mm_cvtss_f32(m4) / 127.0f;
+  const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256i iv[4];
+  __m256i isum = _mm256_setzero_si256();
+  for (int c = 0; c < 4; ++c) {
+    const __m256 s = _mm256_mul_ps(v[c], id);
+    const __m256 t = _mm256_round_ps(s, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m256 up = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(s, t)), half, _CMP_GE_OQ);
+    const __m256 step = _mm256_and_ps(up, _mm256_or_ps(one, _mm256_and_ps(sign, s)));
+    iv[c] = _mm256_cvtps_epi32(_mm256_add_ps(t, step));
+    isum = _mm256_add_epi32(isum, iv[c]);
+  }
+  // int32 -> int8 with packs (exact: |level| <= 127), then undo packs' lane interleave.
+  const __m256i p16a = _mm256_packs_epi32(iv[0], iv[1]);
+  const __m256i p16b = _mm256_packs_epi32(iv[2], iv[3]);
+  const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  *d_out = d;
+  *sum = _mm_cvtsi128_si32(s4);
+}
+
+// Weight block `blk`'s 32 levels as bytes, in value order: Q8_0 int8; Q4_0 nibble - 8
+// (int8); Q4_1 nibbles (uint8).
+template <QuantType T>
+__attribute__((target("avx2"))) inline __m256i block_bytes_avx2(const uint8_t* blk) {
+  if constexpr (T == QuantType::kQ8_0) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+  } else {
+    const __m128i raw =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (T == QuantType::kQ4_1 ? 4 : 2)));
+    const __m256i both =
+        _mm256_inserti128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1);
+    const __m256i nib = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+    if constexpr (T == QuantType::kQ4_0) return _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
+    return nib;
+  }
+}
+
+// The 8 int32 lanes of the dot product of weight bytes wb with x levels xq (signed
+// weights: |w| times x with w's sign, so that maddubs sees an unsigned first operand).
+template <QuantType T>
+__attribute__((target("avx2"))) inline __m256i block_dot_avx2(__m256i wb, __m256i xq) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (T == QuantType::kQ4_1) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(wb, xq), ones);
+  } else {
+    return _mm256_madd_epi16(
+        _mm256_maddubs_epi16(_mm256_sign_epi8(wb, wb), _mm256_sign_epi8(xq, wb)), ones);
+  }
+}
+
+template <QuantType T, int MR, int NR>
+__attribute__((target("avx2,fma,f16c"))) void int8_dot_avx2(const uint8_t* w, int64_t row_bytes,
+                                                            int64_t nb, const Int8Rows& a,
+                                                            int64_t i0, int64_t j0, float* out,
+                                                            int64_t out_stride) {
+  __m256 acc[MR][NR];
+  float off[MR][NR];
+  for (int r = 0; r < MR; ++r) {
+    for (int c = 0; c < NR; ++c) {
+      acc[r][c] = _mm256_setzero_ps();
+      off[r][c] = 0.0f;
+    }
+  }
+  const int8_t* xq = a.q.data() + i0 * nb * kQ;
+  const float* xd = a.d.data() + i0 * nb;
+  const float* xs = a.s.data() + (T == QuantType::kQ4_1 ? i0 * nb : 0);
+  const uint8_t* wr = w + j0 * row_bytes;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i xv[MR];
+    for (int r = 0; r < MR; ++r) {
+      xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (r * nb + b) * kQ));
+    }
+    for (int c = 0; c < NR; ++c) {
+      const uint8_t* blk = wr + c * row_bytes + b * block_bytes<T>();
+      const float dw = fp16_to_fp32_f16c(blk);
+      const __m256i wb = block_bytes_avx2<T>(blk);
+      for (int r = 0; r < MR; ++r) {
+        const __m256 dot = _mm256_cvtepi32_ps(block_dot_avx2<T>(wb, xv[r]));
+        acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[r * nb + b]), dot, acc[r][c]);
+        if constexpr (T == QuantType::kQ4_1) {
+          off[r][c] = std::fma(fp16_to_fp32_f16c(blk + 2), xs[r * nb + b], off[r][c]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int c = 0; c < NR; ++c) out[(i0 + r) * out_stride + j0 + c] = hsum(acc[r][c]) + off[r][c];
+  }
+}
+#endif
+
+bool int8_use_avx2() {
+#if LLM_ENGINE_HAVE_AVX2_PATH
+  static const bool use = cpu_has_avx2() && std::getenv("LLM_ENGINE_QUANT_GENERIC") == nullptr;
+  return use;
+#else
+  return false;
+#endif
+}
+
+void quantize_block32(const float* x, int8_t* q, float* d, int32_t* sum) {
+#if LLM_ENGINE_HAVE_AVX2_PATH
+  if (int8_use_avx2()) return quantize_block32_avx2(x, q, d, sum);
+#endif
+  quantize_block32_generic(x, q, d, sum);
+}
+
+template <QuantType T, int MR, int NR>
+void int8_dot(const uint8_t* w, int64_t row_bytes, int64_t nb, const Int8Rows& a, int64_t i0,
+              int64_t j0, float* out, int64_t out_stride) {
+#if LLM_ENGINE_HAVE_AVX2_PATH
+  if (int8_use_avx2()) return int8_dot_avx2<T, MR, NR>(w, row_bytes, nb, a, i0, j0, out, out_stride);
+#endif
+  int8_dot_generic<T, MR, NR>(w, row_bytes, nb, a, i0, j0, out, out_stride);
+}
+
+// x rows i0 .. m - 1 (fewer than kRowTile) against weight row j.
+template <QuantType T>
+void int8_dot_rest(const uint8_t* w, int64_t row_bytes, int64_t nb, const Int8Rows& a, int64_t i,
+                   int64_t m, int64_t j, float* out, int64_t out_stride) {
+  switch (m - i) {
+    case 3: return int8_dot<T, 3, 1>(w, row_bytes, nb, a, i, j, out, out_stride);
+    case 2: return int8_dot<T, 2, 1>(w, row_bytes, nb, a, i, j, out, out_stride);
+    case 1: return int8_dot<T, 1, 1>(w, row_bytes, nb, a, i, j, out, out_stride);
+    default: return;
+  }
+}
+
+constexpr int kColTile = 4;  // weight rows per pass for a single x row
+
+template <QuantType T>
+void matmul_int8_blocks32(float* out, int64_t out_stride, const float* x, const uint8_t* w,
+                          int64_t m, int64_t n, int64_t k, [[maybe_unused]] int num_threads) {
+  const int64_t nb = k / kQ;
+  Int8Rows a;
+  a.q.resize(m * k);
+  a.d.resize(m * nb);
+  if constexpr (T == QuantType::kQ4_1) a.s.resize(m * nb);
+  for (int64_t i = 0; i < m * nb; ++i) {
+    int32_t sum;
+    quantize_block32(x + i * kQ, a.q.data() + i * kQ, &a.d[i], &sum);
+    if constexpr (T == QuantType::kQ4_1) a.s[i] = a.d[i] * static_cast<float>(sum);
+  }
+  const int64_t row_bytes = nb * block_bytes<T>();
+  if (m == 1) {
+    const int64_t tiles = (n + kColTile - 1) / kColTile;
+#pragma omp parallel for if (n * k >= kMinParallelWork) num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t j0 = t * kColTile;
+      if (j0 + kColTile <= n) {
+        int8_dot<T, 1, kColTile>(w, row_bytes, nb, a, 0, j0, out, out_stride);
+      } else {
+        for (int64_t j = j0; j < n; ++j) int8_dot<T, 1, 1>(w, row_bytes, nb, a, 0, j, out, out_stride);
+      }
+    }
+    return;
+  }
+#pragma omp parallel for if (m * n * k >= kMinParallelWork) num_threads(num_threads) \
+    schedule(static)
+  for (int64_t j = 0; j < n; ++j) {
+    int64_t i = 0;
+    for (; i + kRowTile <= m; i += kRowTile) {
+      int8_dot<T, kRowTile, 1>(w, row_bytes, nb, a, i, j, out, out_stride);
+    }
+    int8_dot_rest<T>(w, row_bytes, nb, a, i, m, j, out, out_stride);
+  }
+}
+
 }  // namespace
+
+bool quant_matmul_int8_supported(QuantType type) {
+  return type == QuantType::kQ8_0 || type == QuantType::kQ4_0 || type == QuantType::kQ4_1;
+}
+
+void quant_matmul_int8(float* out, int64_t out_stride, const float* x, const uint8_t* w,
+                       QuantType type, int64_t m, int64_t n, int64_t k, int num_threads) {
+  if (m == 0 || n == 0) return;
+  switch (type) {
+    case QuantType::kQ8_0:
+      return matmul_int8_blocks32<QuantType::kQ8_0>(out, out_stride, x, w, m, n, k, num_threads);
+    case QuantType::kQ4_0:
+      return matmul_int8_blocks32<QuantType::kQ4_0>(out, out_stride, x, w, m, n, k, num_threads);
+    case QuantType::kQ4_1:
+      return matmul_int8_blocks32<QuantType::kQ4_1>(out, out_stride, x, w, m, n, k, num_threads);
+    default:
+      throw std::invalid_argument("quant_matmul_int8 does not take this quantization type");
+  }
+}
 
 QuantType quant_type_from_name(const std::string& name) {
   static const char* const kNames[] = {"q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"};

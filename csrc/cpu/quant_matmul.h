@@ -3,12 +3,19 @@
 // byte layout of GGUF files. Nothing is expanded to fp32 in memory: each block is
 // dequantized in registers where it is used.
 //
-// x stays fp32 (llama.cpp rounds it to int8 per block; we do not: a row's result must
-// not jump with tiny changes of its input, or it would depend on how many rows share a
-// batch). Q8_0, Q4_0 and Q4_1: each block's 32 integer levels are expanded to fp32 in
-// registers (AVX2 when the CPU has it, plain C++ otherwise), dotted with up to 4 x rows,
-// and scaled once per block. The K-quants expand each 256-value super-block to fp32 on
-// the stack and take fp32 dot products with the x rows.
+// Two routes for Q8_0, Q4_0 and Q4_1:
+// - quant_matmul keeps x in fp32: each block's 32 integer levels are expanded to fp32 in
+//   registers (AVX2 when the CPU has it, plain C++ otherwise), dotted with up to 4 x rows,
+//   and scaled once per block. A row's result moves smoothly with its input.
+// - quant_matmul_int8 rounds each x row to int8 per 32-value block first, as llama.cpp
+//   does (its Q8_0 / Q8_1 activations), then takes integer dot products (AVX2 maddubs +
+//   madd) and one fma per block with the product of the two scales: several times fewer
+//   instructions per weight, at the cost of x's rounding (at most half a step, max|x| /
+//   254, per value). Its AVX2 and plain C++ paths agree bit for bit; setting
+//   LLM_ENGINE_QUANT_GENERIC in the environment before the first call forces the plain
+//   one (for tests).
+// The K-quants expand each 256-value super-block to fp32 on the stack and take fp32 dot
+// products with the x rows.
 //
 // Arrays are row-major; out's rows may be out_stride floats apart (a column slice of a
 // wider output). The caller has checked every shape (see bindings.cpp).
@@ -38,5 +45,13 @@ void quant_dequantize(float* out, const uint8_t* blocks, QuantType type, int64_t
 // out (m, n), rows out_stride apart, = x (m, k) contiguous @ W^T with W (n, k) in blocks.
 void quant_matmul(float* out, int64_t out_stride, const float* x, const uint8_t* w,
                   QuantType type, int64_t m, int64_t n, int64_t k, int num_threads);
+
+// Whether quant_matmul_int8 takes weights of this type.
+bool quant_matmul_int8_supported(QuantType type);
+// out (m, n), rows out_stride apart, = x (m, k) @ W^T like quant_matmul, but with each row of
+// x first rounded to int8 per block (llama.cpp's activation quantization), then integer dot
+// products. A row's result depends on that row alone (batch-invariant).
+void quant_matmul_int8(float* out, int64_t out_stride, const float* x, const uint8_t* w,
+                       QuantType type, int64_t m, int64_t n, int64_t k, int num_threads);
 
 }  // namespace llm_engine

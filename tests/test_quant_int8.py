@@ -1,0 +1,189 @@
+"""The C++ quantized matmul with int8 activations (``_C.quant_matmul(..., int8_activations=True)``):
+each row of x rounded to int8 per 32-value block as llama.cpp does, then integer dot products."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from llm_engine import _C
+from llm_engine.quant import QUANT_TYPES, QuantizedWeight
+
+# Byte offsets of each type's fp16 scales inside a block (random bytes there could be inf/NaN).
+_F16_AT = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
+
+
+def random_blocks(qtype: str, rows: int, in_features: int, seed: int = 0) -> np.ndarray:
+    """Random but valid ``(rows, row_bytes)`` uint8 blocks of ``qtype`` (every level occurs)."""
+    rng = np.random.default_rng(seed)
+    block, size = QUANT_TYPES[qtype]
+    b = rng.integers(0, 256, size=(rows * in_features // block, size), dtype=np.uint8)
+    for at in _F16_AT[qtype]:
+        scales = np.float16(rng.normal(size=b.shape[0]) * 0.02)
+        b[:, at:at + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return b.reshape(rows, -1)
+
+INT8_TYPES = [t for t in sorted(QUANT_TYPES) if _C.quant_matmul_int8_supported(t)]
+_KS = {32: (32, 96, 576, 1536), 256: (256, 768)}
+
+
+def _weight(qtype: str, rows: int, k: int, seed: int = 0) -> QuantizedWeight:
+    return QuantizedWeight(qtype, torch.from_numpy(random_blocks(qtype, rows, k, seed)), k)
+
+
+def _int8(x: torch.Tensor, w: QuantizedWeight, threads: int = 2) -> torch.Tensor:
+    out = torch.empty(x.shape[0], w.out_features)
+    _C.quant_matmul(out.numpy(), x.numpy(), w.blocks.numpy(), w.qtype, threads,
+                    int8_activations=True)
+    return out
+
+
+def _rounded(x: torch.Tensor, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's rounding of x's rows per block, modelled in numpy: levels (m, k) as
+    float64 and scales (m, k / block) as float32 (d = max|x| / 127, ties away from zero)."""
+    xb = x.numpy().reshape(x.shape[0], -1, block)
+    d = (np.abs(xb).max(-1) / np.float32(127)).astype(np.float32)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
+    v = (xb * inv[..., None]).astype(np.float64)  # the product in fp32, then exact
+    q = np.sign(v) * np.floor(np.abs(v) + 0.5)
+    return q.reshape(x.shape), d
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES)
+@pytest.mark.parametrize("rows", [1, 3, 32, 257])
+def test_int8_matmul_is_within_the_rounding_bound_of_the_reference(qtype, rows):
+    """Rounding moves each x value by at most d_x / 2 (d_x = its block's max|x| / 127),
+    so an output moves by at most sum |W| * d_x / 2, plus fp32 rounding of the sums."""
+    block = QUANT_TYPES[qtype][0]
+    for k in _KS[block]:
+        w = _weight(qtype, 37, k, seed=k)
+        x = torch.randn(rows, k) * torch.rand(rows, k // block, 1).repeat_interleave(block, 1)[..., 0]
+        got = _int8(x, w).double()
+        wd = w.dequantize().double()
+        ref = x.double() @ wd.T
+        _, d = _rounded(x, block)
+        half_step = torch.from_numpy(d).double().repeat_interleave(block, 1) / 2
+        bound = half_step @ wd.abs().T + 1e-5 * (x.double().abs() @ wd.abs().T)
+        assert ((got - ref).abs() <= bound).all(), (qtype, rows, k)
+        assert ((got - ref).norm() / ref.norm()).item() < 2e-2, (qtype, rows, k)
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES)
+def test_int8_matmul_equals_its_fp64_model_to_fp32_rounding(qtype):
+    """Against the same rounding of x (ties included) computed in numpy, then fp64 sums."""
+    block = QUANT_TYPES[qtype][0]
+    k, rows = 4 * block, 5
+    w = _weight(qtype, 23, k, seed=3)
+    x = torch.randn(rows, k)
+    x[0, :block] = torch.arange(block) - 15.5  # max 16.5 -> levels at half steps: ties
+    x[1, :block] = 0.0  # an all-zero block: scale 0
+    q, d = _rounded(x, block)
+    xr = torch.from_numpy(q * d.astype(np.float64).repeat(block, 1))
+    model = xr @ w.dequantize().double().T
+    got = _int8(x, w).double()
+    scale = xr.abs() @ w.dequantize().double().abs().T
+    assert ((got - model).abs() <= 1e-5 * scale + 1e-30).all()
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES)
+def test_int8_matmul_is_exact_when_x_needs_no_rounding(qtype):
+    """x = integers in [-127, 127] (each block reaching 127) times a power of two per
+    block: rounding changes nothing, so only fp32 rounding of the sums is left."""
+    block = QUANT_TYPES[qtype][0]
+    k, rows = 3 * block, 4
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randint(-127, 128, (rows, k // block, block), generator=gen).double()
+    q[..., 7] = 127.0 * torch.where(torch.rand(rows, k // block, generator=gen) < 0.5, -1.0, 1.0)
+    scale = 2.0 ** torch.randint(-12, 2, (rows, k // block, 1), generator=gen).double()
+    x = (q * scale).reshape(rows, k).float()
+    w = _weight(qtype, 19, k, seed=6)
+    wd = w.dequantize().double()
+    ref = x.double() @ wd.T
+    got = _int8(x, w).double()
+    assert ((got - ref).abs() <= 1e-6 * (x.double().abs() @ wd.abs().T)).all()
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES)
+def test_int8_matmul_rows_do_not_depend_on_the_batch(qtype):
+    k = 2 * QUANT_TYPES[qtype][0]
+    w = _weight(qtype, 10, k)  # 10 weight rows: tiles of 4 and a remainder
+    x = torch.randn(7, k)
+    many = _int8(x, w)
+    for i in range(7):
+        assert torch.equal(_int8(x[i:i + 1].clone(), w), many[i:i + 1]), i
+    assert torch.equal(_int8(x[2:5].clone(), w, threads=1), many[2:5])
+
+
+def test_int8_matmul_gives_nan_for_a_row_with_a_non_finite_value():
+    w = _weight("q4_1", 6, 64)
+    x = torch.randn(3, 64)
+    x[1, 40] = float("inf")
+    got = _int8(x, w)
+    assert got[1].isnan().all() and got[[0, 2]].isfinite().all()
+
+
+def test_int8_generic_path_equals_the_avx2_path_bit_for_bit(tmp_path):
+    """LLM_ENGINE_QUANT_GENERIC forces the plain C++ path (read once per process), so
+    each path runs in a child process on the same saved inputs."""
+    cases = {}
+    for i, (qtype, k) in enumerate([("q8_0", 96), ("q4_0", 576), ("q4_1", 160)]):
+        for m in (1, 6):
+            cases[f"{qtype}_{m}_w"] = random_blocks(qtype, 11, k, seed=i)
+            cases[f"{qtype}_{m}_x"] = np.random.default_rng(m + i).normal(size=(m, k)).astype(
+                np.float32)
+    np.savez(tmp_path / "in.npz", **cases)
+    script = (
+        "import sys, numpy as np\n"
+        "from llm_engine import _C\n"
+        "cases, outs = np.load(sys.argv[1]), {}\n"
+        "for name in cases.files:\n"
+        "    if name.endswith('_x'):\n"
+        "        x, w = cases[name], cases[name[:-1] + 'w']\n"
+        "        out = outs[name] = np.empty((x.shape[0], w.shape[0]), np.float32)\n"
+        "        _C.quant_matmul(out, x, w, name.split('_')[0] + '_' + name.split('_')[1], 2,\n"
+        "                        int8_activations=True)\n"
+        "np.savez(sys.argv[2], **outs)\n")
+    env = dict(os.environ)
+    env.pop("LLM_ENGINE_QUANT_GENERIC", None)
+    results = []
+    for generic in (False, True):
+        if generic:
+            env["LLM_ENGINE_QUANT_GENERIC"] = "1"
+        path = tmp_path / f"out{int(generic)}.npz"
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.npz"), str(path)],
+                       env=env, check=True)
+        results.append(np.load(path))
+    fast, generic = results
+    assert sorted(fast.files) == sorted(f for f in cases if f.endswith("_x"))
+    for name in fast.files:
+        assert np.array_equal(fast[name].view(np.uint32), generic[name].view(np.uint32)), name
+
+
+def test_int8_matmul_writes_a_column_slice_of_a_wider_output():
+    w = _weight("q4_1", 5, 64)
+    x = torch.randn(3, 64)
+    out = torch.zeros(3, 9)
+    _C.quant_matmul(out[:, 2:7].numpy(), x.numpy(), w.blocks.numpy(), "q4_1", 1,
+                    int8_activations=True)
+    assert torch.equal(out[:, 2:7], _int8(x, w))
+    assert not out[:, :2].any() and not out[:, 7:].any()
+
+
+def test_int8_matmul_rejects_bad_input_clearly():
+    w = _weight("q8_0", 4, 64)
+    out = torch.empty(2, 4)
+    with pytest.raises(ValueError, match="multiple of the q8_0 block size 32, got 40"):
+        _C.quant_matmul(out.numpy(), torch.randn(2, 40).numpy(), w.blocks.numpy(), "q8_0",
+                        int8_activations=True)
+    unsupported = [t for t in sorted(QUANT_TYPES) if t not in INT8_TYPES]
+    for qtype in unsupported:
+        wk = _weight(qtype, 4, 256)
+        with pytest.raises(ValueError, match=f"int8_activations=True does not take {qtype}"):
+            _C.quant_matmul(out.numpy(), torch.randn(2, 256).numpy(), wk.blocks.numpy(), qtype,
+                            int8_activations=True)
+    with pytest.raises(ValueError, match="qtype must be one of"):
+        _C.quant_matmul_int8_supported("q3_k")
+    assert {"q8_0", "q4_0", "q4_1"} <= set(INT8_TYPES)
