@@ -145,6 +145,19 @@ def test_prefix_cache_forks_and_preemption_with_released_blocks(model, tokenizer
     assert_all_blocks_free(roomy)
 
 
+def test_the_native_decoder_stack_of_a_quantized_model_skips_released_blocks(tokenizer) -> None:
+    model = random_model(tokenizer, sliding_window=WINDOW)
+    model.quantize("q8_0")
+    llm = make_llm(model, tokenizer)
+    assert llm.engine.runner.decoder is not None  # decode steps run in one C++ call
+    ids = tokenizer.encode(PROMPTS[1])
+    params = SamplingParams(temperature=0, max_tokens=3 * WINDOW, ignore_eos=True)
+    tokens, held = run_tracking_blocks(llm, ids, params)
+    assert max(held[1:]) <= BOUND
+    keep = make_llm(model, tokenizer, release=False)
+    assert tokens == run_tracking_blocks(keep, ids, params)[0]
+
+
 @pytest.mark.parametrize("window", [dict(sliding_window=WINDOW, window_layers=[1]), {}],
                          ids=["some-layers", "none"])
 def test_a_model_with_a_full_attention_layer_releases_nothing(tokenizer, window) -> None:

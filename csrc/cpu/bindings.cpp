@@ -9,6 +9,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -419,7 +420,13 @@ class DecoderStack {
     }
     const DecodeShape shape{tokens, dims_.heads, dims_.kv_heads, dims_.head_dim,
                             dims_.num_blocks, dims_.block_size, tables.shape(1)};
-    check_decode_inputs(tables.data(), lens.data(), shape);  // std::invalid_argument -> ValueError
+    // The blocks some layer reads: from the widest window on (0: a layer reads them all),
+    // so blocks released before every layer's window may be -1.
+    int64_t widest = layers_.front().window;
+    for (const auto& layer : layers_) {
+      widest = layer.window == 0 || widest == 0 ? 0 : std::max(widest, layer.window);
+    }
+    check_decode_inputs(tables.data(), lens.data(), shape, widest);  // invalid_argument -> ValueError
     float* x_data = x.mutable_data();
     float* r_data = residual.mutable_data();
     py::gil_scoped_release release;
