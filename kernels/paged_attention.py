@@ -285,12 +285,16 @@ def paged_prefill_attention_reference(
             )
         if n_q == 0:
             continue
-        k = _gather_context(k_cache, block_tables[b], ctx).float()  # (ctx, kv_heads, head_dim)
-        v = _gather_context(v_cache, block_tables[b], ctx).float()
+        # With a window, the blocks before the first query's window are never read
+        # (an engine may have released them: their table entries are -1).
+        first = 0 if window is None else max(0, ctx - n_q - window + 1) // block_size
+        table = block_tables[b, first:]
+        k = _gather_context(k_cache, table, ctx - first * block_size).float()  # (keys, kv_heads, d)
+        v = _gather_context(v_cache, table, ctx - first * block_size).float()
         qb = q[start:end].float().view(n_q, kv_heads, group, head_dim)
         scores = torch.einsum("qkgd,tkd->kgqt", qb, k) * scale
         q_pos = torch.arange(ctx - n_q, ctx, device=q.device)
-        k_pos = torch.arange(ctx, device=q.device)
+        k_pos = torch.arange(first * block_size, ctx, device=q.device)
         hidden = k_pos[None, :] > q_pos[:, None]
         if window is not None:
             hidden |= k_pos[None, :] <= q_pos[:, None] - window

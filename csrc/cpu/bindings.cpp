@@ -9,6 +9,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -145,7 +146,7 @@ void decode(const py::handle& out_obj, const py::handle& q_obj, const py::handle
   expect_writeable(out, "out");
   expect_threads(num_threads);
   if (window < 0) throw py::value_error("window must be >= 0 (0: no sliding window)");
-  check_decode_inputs(tables.data(), lens.data(), s);  // std::invalid_argument -> ValueError
+  check_decode_inputs(tables.data(), lens.data(), s, window);  // invalid_argument -> ValueError
   float* out_data = out.mutable_data();
   py::gil_scoped_release release;
   paged_decode_attention(out_data, q.data(), k.data(), v.data(), tables.data(), lens.data(), s,
@@ -416,7 +417,13 @@ class DecoderStack {
     expect_slots(s, tokens, dims_.num_blocks * dims_.block_size);
     const DecodeShape shape{tokens, dims_.heads, dims_.kv_heads, dims_.head_dim,
                             dims_.num_blocks, dims_.block_size, tables.shape(1)};
-    check_decode_inputs(tables.data(), lens.data(), shape);  // std::invalid_argument -> ValueError
+    // The blocks some layer reads: from the widest window on (0: a layer reads them all),
+    // so blocks released before every layer's window may be -1.
+    int64_t widest = layers_.front().window;
+    for (const auto& layer : layers_) {
+      widest = layer.window == 0 || widest == 0 ? 0 : std::max(widest, layer.window);
+    }
+    check_decode_inputs(tables.data(), lens.data(), shape, widest);  // invalid_argument -> ValueError
     float* x_data = x.mutable_data();
     float* r_data = residual.mutable_data();
     py::gil_scoped_release release;
