@@ -187,3 +187,38 @@ def test_int8_matmul_rejects_bad_input_clearly():
     with pytest.raises(ValueError, match="qtype must be one of"):
         _C.quant_matmul_int8_supported("q3_k")
     assert {"q8_0", "q4_0", "q4_1"} <= set(INT8_TYPES)
+
+
+def test_int8_rounded_is_the_kernels_rounding():
+    from llm_engine.ops.quantized import int8_rounded
+
+    x = torch.randn(3, 96)
+    x[0, :32] = torch.arange(32) - 15.5  # ties
+    x[1, 32:64] = 0.0
+    q, d = _rounded(x, 32)
+    assert torch.equal(int8_rounded(x).double(),
+                       torch.from_numpy(q * d.astype(np.float64).repeat(32, 1)).float().double())
+    with pytest.raises(ValueError, match="multiple of 32, got 40"):
+        int8_rounded(torch.randn(2, 40))
+
+
+
+def test_ops_take_int8_only_when_forced_and_then_for_every_row_count():
+    from llm_engine import ops
+
+    reg = ops.registry()
+    w41, w6k = _weight("q4_1", 8, 256), _weight("q6_k", 8, 256)
+    few, many = torch.randn(3, 256), torch.randn(ops.QUANT_GEMM_MIN_ROWS + 1, 256)
+    bias = torch.randn(8)
+    with torch.no_grad():
+        assert reg.choose("quantized_linear", few, w41) == "cpp"
+        assert reg.eligible("quantized_linear", few, w41)["int8"] is None
+        assert "q4_0/q4_1/q8_0" in reg.eligible("quantized_linear", few, w6k)["int8"]
+        with ops.use(quantized_linear="int8"):
+            assert reg.choose("quantized_linear", many, w41) == "int8"
+            got = ops.quantized_linear(many, w41, bias)
+            assert torch.equal(got[:3], ops.quantized_linear(many[:3].clone(), w41, bias))
+            with pytest.raises(ValueError, match="q4_0/q4_1/q8_0"):
+                ops.quantized_linear(few, w6k)
+        threads = torch.get_num_threads()
+        assert torch.equal(got, _int8(many, w41, threads=threads) + bias)
