@@ -38,9 +38,10 @@ import triton
 from ._utils import AUTOTUNE_ENV
 
 # The modules (the package re-exports functions named like two of them).
-attention, cross_entropy, layer_norm, paged_attention, sampling = (
+attention, cross_entropy, layer_norm, paged_attention, quant_matmul, sampling = (
     importlib.import_module(f"{__package__}.{name}")
-    for name in ("attention", "cross_entropy", "layer_norm", "paged_attention", "sampling"))
+    for name in ("attention", "cross_entropy", "layer_norm", "paged_attention", "quant_matmul",
+                 "sampling"))
 
 SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024,
               100: 227 * 1024, 120: 99 * 1024}
@@ -303,12 +304,32 @@ def _sampling(s: Shape, dt: str) -> Iterator[Entry]:
                     sampling._sampling_kernel, args, kw)
 
 
+def _quant_matmul(s: Shape, dt: str) -> Iterator[Entry]:
+    """The weight-only GEMM on a (hidden, hidden) projection: int8 and int4 levels with
+    fp16 group scales (GGUF's), for one decode row and a prefill's rows."""
+    x, f32, scales = _t(DTYPES[dt]), _t(torch.float32), _t(torch.float16)
+    for bits in (8, 4):
+        levels = _t(torch.int8 if bits == 8 else torch.uint8)
+        k_q = s.hidden * bits // 8
+        for rows in (1, TOKENS):  # a batch-1 decode step, a prefill
+            block_m, block_n, block_k = quant_matmul.launch_blocks(rows)
+            kw = dict(BITS=bits, HALVES=8 // bits, GROUP=32, BLOCK_M=block_m, BLOCK_N=block_n,
+                      BLOCK_K=block_k)
+            args = (x, levels, scales, scales, f32, rows, s.hidden, s.hidden, k_q,
+                    s.hidden // 32, k_q, s.hidden, k_q, s.hidden // 32, rows * s.hidden,
+                    s.hidden)
+            yield Entry(f"quant_matmul.int{bits}", s.name, dt,
+                        _describe(kw, ("BLOCK_M", "BLOCK_N", "BLOCK_K")), True,
+                        quant_matmul._quant_matmul_kernel, args, kw)
+
+
 FAMILIES: dict[str, Callable[[Shape, str], Iterator[Entry]]] = {
     "attention": _attention,
     "paged": _paged,
     "layer_norm": _norm,
     "cross_entropy": _cross_entropy,
     "sampling": _sampling,
+    "quant_matmul": _quant_matmul,
 }
 
 

@@ -98,6 +98,13 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets
     return M, N, K
 
 
+def launch_blocks(rows: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K)`` of a launch for ``rows`` rows of ``x``."""
+    if interpreting():
+        return 16, 16, 16
+    return (16 if rows <= 16 else 64), 64, 64
+
+
 def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  offsets: torch.Tensor, bits: int, group_size: int = 32,
                  split_k: int | None = None) -> torch.Tensor:
@@ -109,11 +116,7 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     x = x.contiguous()
     qweight, scales, offsets = qweight.contiguous(), scales.contiguous(), offsets.contiguous()
     k_q = qweight.shape[1]
-    if interpreting():
-        block_m, block_n, block_k = 16, 16, 16
-    else:
-        block_m = 16 if M <= 16 else 64
-        block_n, block_k = 64, 64
+    block_m, block_n, block_k = launch_blocks(M)
     if split_k is None:
         split_k = 1 if M > 64 or interpreting() else max(1, min(8, k_q // (4 * block_k)))
     if not isinstance(split_k, int) or split_k < 1:

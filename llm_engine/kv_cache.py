@@ -10,6 +10,7 @@ One tensor holds every layer's keys and values,
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterable
 
 import numpy as np
@@ -127,12 +128,17 @@ class KVCache:
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero tensor; on the CPU one whose memory pages are committed only when first
-    written (``calloc``), so a cache sized for many long sequences takes resident memory
-    as its blocks come into use rather than all at once. 64-byte aligned, like torch's own
-    CPU allocations."""
+    written (an anonymous ``mmap``, page-aligned), so a cache sized for many long
+    sequences takes resident memory as its blocks come into use rather than all at once."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-    raw = torch.from_numpy(np.zeros(nbytes + 64, dtype=np.uint8))
-    start = -raw.data_ptr() % 64
-    return raw[start:start + nbytes].view(dtype).view(shape)
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    # An anonymous mapping: zero pages, committed one 4 KiB page at a time as they are
+    # written. (numpy's and glibc's large allocations ask for transparent huge pages,
+    # which commit 2 MiB at the first write: most of a layer's cache for one block.)
+    buf = mmap.mmap(-1, nbytes)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)

@@ -358,12 +358,15 @@ class Transformer(nn.Module):
         positions: torch.Tensor,
         attn: AttentionMetadata,
         kv_caches: list[KVCache] | None = None,
+        decoder: ops.DecoderStack | None = None,
     ) -> torch.Tensor:
         """Hidden states after the final norm.
 
         ``input_ids, positions: (T,)`` int64; ``kv_caches``: one ``(k_cache, v_cache)``
         per layer, each ``(num_blocks, block_size, kv_heads, head_dim)``, or None to
-        attend over the new tokens only. Returns ``(T, hidden_size)``.
+        attend over the new tokens only; ``decoder``: :meth:`decoder_stack` over those
+        caches, which a decode step then runs through :func:`ops.decode_layers`.
+        Returns ``(T, hidden_size)``.
         """
         x = self.embed_tokens(input_ids)
         if self.embed_positions is not None:
@@ -372,6 +375,11 @@ class Transformer(nn.Module):
         if rope is not None:
             rope = ops.rope_at(positions, *rope)
         residual = None
+        if decoder is not None and attn.is_decode:
+            x, residual = ops.decode_layers(x, decoder, *rope, attn.slot_mapping,
+                                            attn.block_tables, attn.context_lens)
+            x, _ = self.norm(x, residual)
+            return x
         for i, layer in enumerate(self.layers):
             cache = None if kv_caches is None else kv_caches[i]
             if self.gradient_checkpointing and self.training:
@@ -381,6 +389,35 @@ class Transformer(nn.Module):
                 x, residual = layer(x, residual, attn, rope, cache)
         x, _ = self.norm(x, residual)
         return x
+
+    def decoder_stack(self, kv_caches: list[KVCache]) -> ops.DecoderStack | None:
+        """The decoder layers over ``kv_caches`` as one :class:`ops.DecoderStack` (for
+        decode steps in one native call), or None where the layers do not fit it: only
+        Llama-style dense layers whose every projection is quantized do."""
+        c = self.config
+        projections = [m for layer in self.layers if isinstance(layer.mlp, MLP)
+                       for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.up_proj,
+                                 layer.mlp.down_proj)]
+        if (c.arch != "llama" or len(projections) != 4 * len(self.layers)
+                or not all(isinstance(m, QuantizedLinear) for m in projections)):
+            return None
+
+        def weight(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach()
+
+        layers = []
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            a = layer.attn
+            layers.append(ops.DecoderLayerWeights(
+                attn_norm=weight(layer.attn_norm.weight), qkv=a.qkv_proj.parts,
+                qkv_bias=weight(a.qkv_proj.bias),
+                q_norm=None if a.q_norm is None else weight(a.q_norm.weight),
+                k_norm=None if a.k_norm is None else weight(a.k_norm.weight),
+                o=a.o_proj.parts, mlp_norm=weight(layer.mlp_norm.weight),
+                gate_up=layer.mlp.up_proj.parts, down=layer.mlp.down_proj.parts,
+                k_cache=k_cache, v_cache=v_cache, window=a.window))
+        return ops.DecoderStack(layers, c.num_heads, c.num_kv_heads, c.head_dim, c.norm_eps,
+                                c.head_dim**-0.5)
 
     def forward_batch(self, idx: torch.Tensor) -> torch.Tensor:
         """Hidden states ``(B*S, hidden)`` of ``idx: (B, S)`` int64 independent causal windows."""

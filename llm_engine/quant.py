@@ -13,7 +13,7 @@ quantize full-precision checkpoints at load.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,12 +52,14 @@ class QuantizedWeight:
     """A linear weight ``(out_features, in_features)`` in a GGUF block format.
 
     ``blocks``: ``(out_features, row_bytes)`` uint8, C-contiguous, each row the GGUF
-    blocks of one output row.
+    blocks of one output row. ``layouts``: other layouts of the same weight that kernels
+    read, made from the blocks on first use (name -> tensors).
     """
 
     qtype: str
     blocks: torch.Tensor
     in_features: int
+    layouts: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.qtype = check_qtype(self.qtype)

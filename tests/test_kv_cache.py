@@ -123,3 +123,10 @@ def test_cpu_cache_is_zero_aligned_and_takes_memory_only_as_blocks_are_written()
     assert torch.equal(k[-1], torch.zeros_like(k[-1]))
     k[:8].fill_(1.0)
     assert float(kv.layer(3)[0][:8].sum()) == 8 * 16 * 2 * 64
+    # One block written in each layer's K and V commits about a page each, not a huge
+    # page each (2 MiB: what numpy's and glibc's large allocations would ask for).
+    before = process.memory_info().rss
+    for i in range(4):
+        for t in kv.layer(i):
+            t[1000].fill_(2.0)
+    assert process.memory_info().rss - before < 8 * (1 << 20) // 4

@@ -9,6 +9,7 @@ pytest.importorskip("gguf", reason="the dequantizers are checked against the ggu
 from gguf import GGMLQuantizationType  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
+from testing_utils import random_quant_blocks  # noqa: E402
 
 from llm_engine import _C, ops
 from llm_engine.config import ModelConfig
@@ -21,25 +22,11 @@ from llm_engine.quant import (
     quantize,
 )
 
-# Byte offsets of each type's fp16 scales inside a block (random bytes there could be inf/NaN).
-_F16_AT = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
-
-
-def random_blocks(qtype: str, rows: int, in_features: int, seed: int = 0) -> np.ndarray:
-    """Random but valid ``(rows, row_bytes)`` uint8 blocks of ``qtype``."""
-    rng = np.random.default_rng(seed)
-    block, size = QUANT_TYPES[qtype]
-    b = rng.integers(0, 256, size=(rows * in_features // block, size), dtype=np.uint8)
-    for at in _F16_AT[qtype]:
-        scales = np.float16(rng.normal(size=b.shape[0]) * 0.02)
-        b[:, at:at + 2] = scales.view(np.uint8).reshape(-1, 2)
-    return b.reshape(rows, -1)
-
 
 @pytest.mark.parametrize("qtype", sorted(QUANT_TYPES))
 def test_dequantize_equals_gguf_bit_for_bit(qtype):
     block = QUANT_TYPES[qtype][0]
-    blocks = random_blocks(qtype, 7, block * 3)
+    blocks = random_quant_blocks(qtype, 7, block * 3)
     ref = gguf_dequantize(blocks, GGMLQuantizationType[qtype.upper()])
     ours = dequantize(torch.from_numpy(blocks), qtype, block * 3).numpy()
     assert ours.shape == ref.shape and ours.dtype == np.float32
@@ -76,7 +63,7 @@ def test_quantized_weight_checks_its_blocks():
 
 # ------------------------------------------------------------------------ C++ kernels
 def _weight(qtype: str, rows: int, in_features: int, seed: int = 0) -> QuantizedWeight:
-    return QuantizedWeight(qtype, torch.from_numpy(random_blocks(qtype, rows, in_features, seed)),
+    return QuantizedWeight(qtype, torch.from_numpy(random_quant_blocks(qtype, rows, in_features, seed)),
                            in_features)
 
 

@@ -52,3 +52,45 @@ def test_quant_matmul_rejects_bad_input_clearly():
         quant_matmul(x, q, s[:, :1], o, 4, 32)
     with pytest.raises(ValueError, match="bits must be 4 or 8"):
         quant_matmul(x, q, s, o, 3, 32)
+
+
+# --------------------------------------------------------- GGUF weights through ops.quantized_linear
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
+def test_group_layout_is_the_gguf_dequantization_exactly(qtype):
+    from llm_engine.ops.quantized import group_layout
+    from llm_engine.quant import quantize
+
+    w = quantize(torch.randn(7, 96) * 0.1, qtype)
+    qweight, scales, offsets, bits = group_layout(w)
+    assert torch.equal(dequantize_reference(qweight, scales, offsets, bits, 32), w.dequantize())
+    assert group_layout(w)[0] is qweight  # made once, kept with the weight
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 33])
+def test_triton_quantized_linear_matches_the_reference(qtype, dtype, rows):
+    from llm_engine import ops
+    from llm_engine.quant import QuantizedWeight, quantize
+
+    cpu = quantize(torch.randn(45, 64) * 0.1, qtype)
+    w = QuantizedWeight(qtype, cpu.blocks.to(DEVICE), 64)
+    x = torch.randn(rows, 64, device=DEVICE).to(dtype)
+    bias = torch.randn(45, device=DEVICE).to(dtype)
+    with torch.inference_mode():
+        assert ops.registry().eligible("quantized_linear", x, w, bias)["triton"] is None
+        with ops.use(quantized_linear="triton"):
+            got = ops.quantized_linear(x, w, bias)
+        ref = ops.quantized_linear_reference(x.double(), w, bias.double())
+    assert got.shape == (rows, 45) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert ((got.double() - ref).norm() / ref.norm()).item() < tol
+
+
+def test_triton_quantized_linear_refuses_k_quants():
+    from llm_engine import ops
+    from llm_engine.quant import QuantizedWeight
+
+    w = QuantizedWeight("q6_k", torch.zeros(2, 210, dtype=torch.uint8, device=DEVICE), 256)
+    why = ops.registry().eligible("quantized_linear", torch.randn(1, 256, device=DEVICE), w)
+    assert "q8_0/q4_0/q4_1" in why["triton"]

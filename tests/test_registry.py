@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from test_decoder_stack import make_stack, step_inputs
 from testing_utils import assert_close
 
 from llm_engine import ops
@@ -71,6 +72,7 @@ CASES: dict[str, tuple[Callable[[], tuple], bool]] = {
     "sample": (lambda: ((torch.randn(3, 50), 1.0), {"top_k": 1}), False),
     "cross_entropy": (lambda: ((torch.randn(6, 8), torch.randn(11, 8),
                                 torch.tensor([1, 0, 10, -100, 3, 3])), {}), True),
+    "decode_layers": (lambda: (step_inputs(make_stack(layers=2), [3, 1, 6]), {}), False),
     "moe": (lambda: ((torch.randn(5, 16), torch.randn(3, 16, 16), torch.randn(3, 16, 8),
                       torch.rand(5, 2), torch.tensor([[0, 2], [2, 1], [1, 0], [2, 0], [0, 1]])),
                      {}), True),

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
+
+from llm_engine.quant import QUANT_TYPES
 
 # Relative error ‖out−ref‖/‖ref‖ allowed against a reference computed in fp32/fp64.
 # One table for every kernel test; a test may tighten but never loosen these.
@@ -57,3 +60,18 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, *, gr
 def interpreter_or_cuda() -> str:
     """The device kernel tests run on: CUDA when present, else CPU (interpreter)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# Byte offsets of each type's fp16 scales inside a block (random bytes there could be inf/NaN).
+_F16_AT = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
+
+
+def random_quant_blocks(qtype: str, rows: int, in_features: int, seed: int = 0) -> np.ndarray:
+    """Random but valid ``(rows, row_bytes)`` uint8 blocks of ``qtype``."""
+    rng = np.random.default_rng(seed)
+    block, size = QUANT_TYPES[qtype]
+    b = rng.integers(0, 256, size=(rows * in_features // block, size), dtype=np.uint8)
+    for at in _F16_AT[qtype]:
+        scales = np.float16(rng.normal(size=b.shape[0]) * 0.02)
+        b[:, at:at + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return b.reshape(rows, -1)

@@ -11,7 +11,9 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
+#include "cpu/decoder.h"
 #include "cpu/layer_ops.h"
 #include "cpu/paged_decode.h"
 #include "cpu/quant_matmul.h"
@@ -251,14 +253,15 @@ void store_kv_py(const py::handle& k_cache_obj, const py::handle& v_cache_obj,
 // The format of qtype, with k checked to be whole blocks and blocks (rows, row bytes) to
 // hold them.
 QuantFormat expect_blocks(const py::array_t<uint8_t>& w, const py::handle& w_obj, QuantType type,
-                          const std::string& qtype, int64_t k, const char* k_from) {
+                          const std::string& qtype, int64_t k, const char* k_from,
+                          const std::string& blocks_name = "blocks") {
   const QuantFormat f = quant_format(type);
   if (k <= 0 || k % f.block != 0) {
     throw py::value_error(std::string(k_from) + " must be a positive multiple of the " + qtype +
                           " block size " + std::to_string(f.block) + ", got " + std::to_string(k));
   }
   if (w.shape(1) != k / f.block * f.bytes) {
-    throw py::value_error("blocks " + shape_of(w_obj) + " must be (rows, " +
+    throw py::value_error(blocks_name + " " + shape_of(w_obj) + " must be (rows, " +
                           std::to_string(k / f.block * f.bytes) + ") for " + qtype + " with k = " +
                           std::to_string(k));
   }
@@ -313,6 +316,163 @@ void quant_dequantize_py(const py::handle& out_obj, const py::handle& blocks_obj
   quant_dequantize(out_data, w.data(), type, w.shape(0), out.shape(1), num_threads);
 }
 
+// The layers of a decode stack (decoder.h) over arrays it keeps alive: weights and caches
+// are checked once, as each layer is added; a step checks only its own inputs.
+class DecoderStack {
+ public:
+  DecoderStack(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
+               int64_t intermediate, float eps, float scale)
+      : dims_{hidden, heads, kv_heads, head_dim, intermediate, 0, 0, eps, scale} {
+    if (hidden <= 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 ||
+        intermediate <= 0 || heads % kv_heads != 0) {
+      throw py::value_error("DecoderStack needs positive sizes, an even head_dim and heads a "
+                            "multiple of kv_heads");
+    }
+    if (!(eps >= 0.0f)) throw py::value_error("eps must be >= 0");
+  }
+
+  void add_layer(const py::handle& attn_norm, const py::list& qkv, const py::handle& qkv_bias,
+                 const py::handle& q_norm, const py::handle& k_norm, const py::list& o,
+                 const py::handle& mlp_norm, const py::list& gate_up, const py::list& down,
+                 const py::handle& k_cache_obj, const py::handle& v_cache_obj, int64_t window) {
+    const DecoderDims& d = dims_;
+    const int64_t q_width = d.heads * d.head_dim, kv_width = d.kv_heads * d.head_dim;
+    DecoderLayer L{};
+    L.attn_norm = vector_of(attn_norm, "attn_norm", d.hidden);
+    L.mlp_norm = vector_of(mlp_norm, "mlp_norm", d.hidden);
+    if (q_norm.is_none() != k_norm.is_none()) {
+      throw py::value_error("q_norm and k_norm must both be given or both be None");
+    }
+    L.q_norm = q_norm.is_none() ? nullptr : vector_of(q_norm, "q_norm", d.head_dim);
+    L.k_norm = k_norm.is_none() ? nullptr : vector_of(k_norm, "k_norm", d.head_dim);
+    L.qkv = projection(qkv, "qkv", d.hidden, q_width + 2 * kv_width);
+    if (!qkv_bias.is_none()) L.qkv.bias = vector_of(qkv_bias, "qkv_bias", L.qkv.out_features);
+    L.o = projection(o, "o", q_width, d.hidden);
+    L.gate_up = projection(gate_up, "gate_up", d.hidden, 2 * d.intermediate);
+    L.down = projection(down, "down", d.intermediate, d.hidden);
+    auto k_cache = expect_array<float>(k_cache_obj, "k_cache", "float32", 4);
+    auto v_cache = expect_array<float>(v_cache_obj, "v_cache", "float32", 4);
+    expect_same_shape(v_cache, "v_cache", k_cache, "k_cache");
+    expect_writeable(k_cache, "k_cache");
+    expect_writeable(v_cache, "v_cache");
+    if (k_cache.shape(2) != d.kv_heads || k_cache.shape(3) != d.head_dim ||
+        k_cache.shape(1) <= 0) {
+      throw py::value_error("k_cache " + shape_of(k_cache_obj) + " must be (num_blocks, "
+                            "block_size, " + std::to_string(d.kv_heads) + ", " +
+                            std::to_string(d.head_dim) + ")");
+    }
+    if (!layers_.empty() &&
+        (k_cache.shape(0) != dims_.num_blocks || k_cache.shape(1) != dims_.block_size)) {
+      throw py::value_error("k_cache " + shape_of(k_cache_obj) + " must have the blocks of "
+                            "the first layer's cache");
+    }
+    dims_.num_blocks = k_cache.shape(0);
+    dims_.block_size = k_cache.shape(1);
+    L.k_cache = k_cache.mutable_data();
+    L.v_cache = v_cache.mutable_data();
+    if (window < 0) throw py::value_error("window must be >= 0 (0: no sliding window)");
+    L.window = window;
+    keep_.push_back(k_cache);
+    keep_.push_back(v_cache);
+    layers_.push_back(std::move(L));
+  }
+
+  // x: (tokens, hidden) in, out; residual_out: (tokens, hidden); cos, sin: (tokens, 1,
+  // head_dim); slot_mapping: (tokens,) int64; block_tables: (tokens, max_blocks) int32;
+  // context_lens: (tokens,) int32.
+  void forward(const py::handle& x_obj, const py::handle& residual_obj, const py::handle& cos_obj,
+               const py::handle& sin_obj, const py::handle& slots_obj,
+               const py::handle& tables_obj, const py::handle& lens_obj, bool int8_activations,
+               int num_threads) {
+    if (layers_.empty()) throw py::value_error("the stack has no layers");
+    auto x = expect_array<float>(x_obj, "x", "float32", 2);
+    auto residual = expect_array<float>(residual_obj, "residual_out", "float32", 2);
+    auto cos = expect_array<float>(cos_obj, "cos", "float32", 3);
+    auto sin = expect_array<float>(sin_obj, "sin", "float32", 3);
+    auto slots = expect_array<int64_t>(slots_obj, "slot_mapping", "int64", 1);
+    auto tables = expect_array<int32_t>(tables_obj, "block_tables", "int32", 2);
+    auto lens = expect_array<int32_t>(lens_obj, "context_lens", "int32", 1);
+    const int64_t tokens = x.shape(0);
+    if (x.shape(1) != dims_.hidden) {
+      throw py::value_error("x " + shape_of(x_obj) + " must be (tokens, " +
+                            std::to_string(dims_.hidden) + ")");
+    }
+    expect_same_shape(residual, "residual_out", x, "x");
+    expect_same_shape(sin, "sin", cos, "cos");
+    if (cos.shape(0) != tokens || cos.shape(1) != 1 || cos.shape(2) != dims_.head_dim ||
+        slots.shape(0) != tokens || tables.shape(0) != tokens || lens.shape(0) != tokens) {
+      throw py::value_error("cos, sin " + shape_of(cos_obj) + " must be (tokens, 1, head_dim) "
+                            "and slot_mapping, block_tables, context_lens must have one row per "
+                            "token of x " + shape_of(x_obj));
+    }
+    expect_writeable(x, "x");
+    expect_writeable(residual, "residual_out");
+    expect_threads(num_threads);
+    const int64_t num_slots = dims_.num_blocks * dims_.block_size;
+    const int64_t* s = slots.data();
+    for (int64_t i = 0; i < tokens; ++i) {
+      if (s[i] < -1 || s[i] >= num_slots) {
+        throw py::value_error("slot_mapping[" + std::to_string(i) + "] = " + std::to_string(s[i]) +
+                              " is not a cache slot in [0, " + std::to_string(num_slots) +
+                              ") nor -1 (skip)");
+      }
+    }
+    const DecodeShape shape{tokens, dims_.heads, dims_.kv_heads, dims_.head_dim,
+                            dims_.num_blocks, dims_.block_size, tables.shape(1)};
+    check_decode_inputs(tables.data(), lens.data(), shape);  // std::invalid_argument -> ValueError
+    float* x_data = x.mutable_data();
+    float* r_data = residual.mutable_data();
+    py::gil_scoped_release release;
+    decoder_step(layers_, dims_, x_data, r_data, cos.data(), sin.data(), s, tables.data(),
+                 tables.shape(1), lens.data(), tokens, int8_activations, num_threads);
+  }
+
+  size_t size() const { return layers_.size(); }
+
+ private:
+  const float* vector_of(const py::handle& obj, const char* name, int64_t n) {
+    auto a = expect_array<float>(obj, name, "float32", 1);
+    if (a.shape(0) != n) {
+      throw py::value_error(std::string(name) + " " + shape_of(obj) + " must be (" +
+                            std::to_string(n) + ",)");
+    }
+    keep_.push_back(a);
+    return a.data();
+  }
+
+  // parts: [(blocks, qtype), ...] stacked along the output; in x out features.
+  QuantProjection projection(const py::list& parts, const char* name, int64_t in, int64_t out) {
+    QuantProjection p;
+    p.in_features = in;
+    p.out_features = out;
+    for (const py::handle& item : parts) {
+      if (!py::isinstance<py::tuple>(item) || py::len(item) != 2) {
+        throw py::type_error(std::string(name) + " must be a list of (blocks, qtype) tuples");
+      }
+      auto pair = py::reinterpret_borrow<py::tuple>(item);
+      auto w = expect_array<uint8_t>(pair[0], name, "uint8", 2);
+      const std::string qtype = py::cast<std::string>(pair[1]);
+      const QuantType type = quant_type_from_name(qtype);
+      expect_blocks(w, pair[0], type, qtype, in, (std::string(name) + "'s in_features").c_str(),
+                    std::string(name) + "'s blocks");
+      p.parts.push_back({w.data(), type, w.shape(0)});
+      keep_.push_back(w);
+    }
+    int64_t rows = 0;
+    for (const QuantPart& part : p.parts) rows += part.rows;
+    if (p.parts.empty() || rows != out) {
+      throw py::value_error(std::string(name) + " must stack " + std::to_string(out) +
+                            " rows of " + std::to_string(in) + " inputs, got " +
+                            std::to_string(rows));
+    }
+    return p;
+  }
+
+  DecoderDims dims_;
+  std::vector<DecoderLayer> layers_;
+  std::vector<py::object> keep_;  // the arrays the layers point into
+};
+
 }  // namespace
 
 void register_cpu_kernels(py::module_& m) {
@@ -362,6 +522,29 @@ void register_cpu_kernels(py::module_& m) {
         py::arg("qtype"), py::arg("num_threads") = 1,
         "The fp32 weight of GGUF blocks, written into out (rows, k) C-contiguous float32;\n"
         "blocks: (rows, k / block * block_bytes) C-contiguous uint8.");
+  py::class_<DecoderStack>(m, "DecoderStack",
+                           "The decoder layers of a Llama-style model with quantized projections,\n"
+                           "run for one decode step in one call (csrc/cpu/decoder.h), fp32.")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, float, float>(),
+           py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
+           py::arg("intermediate"), py::arg("eps"), py::arg("scale"))
+      .def("add_layer", &DecoderStack::add_layer, py::arg("attn_norm"), py::arg("qkv"),
+           py::arg("qkv_bias"), py::arg("q_norm"), py::arg("k_norm"), py::arg("o"),
+           py::arg("mlp_norm"), py::arg("gate_up"), py::arg("down"), py::arg("k_cache"),
+           py::arg("v_cache"), py::arg("window") = 0,
+           "Append a layer. Norm weights: (n,) float32; each projection: a list of\n"
+           "(blocks uint8 (rows, row_bytes), qtype) stacked along the output; qkv_bias,\n"
+           "q_norm, k_norm may be None; k_cache, v_cache: (num_blocks, block_size, kv_heads,\n"
+           "head_dim) float32, the same blocks in every layer. The stack keeps them alive.")
+      .def("forward", &DecoderStack::forward, py::arg("x"), py::arg("residual_out"),
+           py::arg("cos"), py::arg("sin"), py::arg("slot_mapping"), py::arg("block_tables"),
+           py::arg("context_lens"), py::arg("int8_activations") = false,
+           py::arg("num_threads") = 1,
+           "One decode step: x (tokens, hidden) embeddings in, the last MLP output out;\n"
+           "residual_out (tokens, hidden) the residual stream to add it to; cos, sin\n"
+           "(tokens, 1, head_dim); slot_mapping (tokens,) int64; block_tables (tokens,\n"
+           "max_blocks) and context_lens (tokens,) int32.")
+      .def("__len__", &DecoderStack::size);
 }
 
 }  // namespace llm_engine

@@ -21,6 +21,12 @@ Cases
   (2 × body parameters per token, 2 × vocab × hidden per output token) per second
   over the measured matmul peak. TTFT / TPOT percentiles of our requests are in
   ``note`` and ``params``.
+- CPU, quantized weights (the default for the GGUF file): llama.cpp on the same file
+  (``llamacpp.py``: ``decode-bs1``, ``prefill-1000``, ``peak-rss``); ``decode throughput
+  streams=<N>``: decode throughput at 1 to 64 concurrent streams for ours (quantized and fp32), HF
+  and llama.cpp (one stream after another, up to 16); ``time to first token prompt=<L>``:
+  time to first token (ms) of an ``L``-token prompt for the same four; ``fidelity-1000``
+  (``fidelity.py``).
 - CUDA only: ``decode-bs64`` (64 requests decoding together) and ``prefill``
   (16 × 1024-token prompts, one new token: prompt tokens/s); ``vllm`` rows when
   vLLM is installed.
@@ -242,15 +248,20 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings,
                    f"load average {load:.1f} at start")
     yield from _decode_rows(llm, hf, hf_note, device, sizes, ceilings, 1, backend)
     if not cuda and model.quantized:
-        from llm_engine.bench import llamacpp
+        from llm_engine.bench import fidelity, llamacpp
         from llm_engine.loader import _known_model_file
 
-        yield from llamacpp.rows(llm, _known_model_file("smollm2"), llm.tokenizer.encode(PROMPT),
-                                 sizes.decode_new, sizes.repeats, ceilings)
-        yield from _quantized_vs_fp32_rows(llm, fp32_model, device, sizes, ceilings)
-        from llm_engine.bench import fidelity
-
-        yield from fidelity.rows(model, fp32_model, llm.tokenizer, _known_model_file("smollm2"))
+        path = _known_model_file("smollm2")
+        peer = llamacpp.open_peer(path, torch.get_num_threads())
+        try:
+            yield from llamacpp.rows(llm, peer, path, llm.tokenizer.encode(PROMPT),
+                                     sizes.decode_new, sizes.repeats, ceilings)
+            yield from _concurrency_rows(llm, fp32_model, hf, peer, device, sizes, ceilings)
+            yield from _ttft_rows(llm, fp32_model, hf, peer, device, sizes)
+        finally:
+            if peer is not None and hasattr(peer, "close"):
+                peer.close()
+        yield from fidelity.rows(model, fp32_model, llm.tokenizer, path)
     if cuda:
         yield from _decode_rows(llm, hf, hf_note, device, sizes, ceilings, 64, backend)
         yield from _prefill_rows(llm, hf, hf_note, device, sizes, ceilings)
@@ -349,34 +360,89 @@ def _weight_bytes(model: Transformer) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-def _quantized_vs_fp32_rows(llm, fp32_model: Transformer, device: str, sizes: _Sizes,
-                            ceilings: Ceilings) -> list[Row]:
-    """Decode throughput at 1, 4, 16, 32 and 64 concurrent streams (32-token prompts, 32
-    new tokens each): the quantized engine against the same engine on the dequantized
-    fp32 weights, taking turns."""
+# Concurrency levels of the quantized-weights rows; llama.cpp's Llama runs one sequence
+# at a time, so it is timed up to PEER_STREAMS (its aggregate rate stays its batch-1 rate).
+STREAMS = (1, 4, 16, 32, 64)
+PEER_STREAMS = 16
+TTFT_LENGTHS = (32, 128, 512, 1024)
+
+
+def _fp32_engine(llm, fp32_model: Transformer):
     from llm_engine import LLM
 
-    fp32 = LLM.from_modules(fp32_model, llm.tokenizer, max_num_seqs=256,
+    return LLM.from_modules(fp32_model, llm.tokenizer, max_num_seqs=256,
                             enable_prefix_caching=False, kv_cache_memory=1 << 29)
+
+
+def _concurrency_rows(llm, fp32_model: Transformer, hf, peer, device: str, sizes: _Sizes,
+                      ceilings: Ceilings) -> list[Row]:
+    """Decode throughput at each of :data:`STREAMS` concurrent streams (32-token prompts,
+    32 new tokens each): the quantized engine, the same engine on the dequantized fp32
+    weights, HF ``generate`` on those in one static batch, and llama.cpp (``peer``) on the
+    file, one stream after another; the runs take turns."""
+    from llm_engine.bench import llamacpp
+
+    fp32 = _fp32_engine(llm, fp32_model)
     rows: list[Row] = []
     new = 32
-    for streams in (1, 4, 16, 32, 64):
+    for streams in STREAMS:
         prompts = random_prompts(streams, 32, fp32_model.config.vocab_size, seed=7)
         fns = {name: (lambda e=e, p=prompts: _ours_generate(e, p, new),
                       lambda e=e, p=prompts: _ours_generate(e, p[:1], 2))
-               for name, e in (("quantized", llm), ("fp32", fp32))}
+               for name, e in ((f"{OURS}-quantized", llm), (f"{OURS}-fp32", fp32))}
+        if hf is not None:
+            fns["hf-transformers"] = (lambda p=prompts, b=streams: _hf_generate(hf, p, new, b),
+                                      lambda p=prompts: _hf_generate(hf, p[:1], 2, 1))
+        if peer is not None and streams <= PEER_STREAMS:
+            fns[llamacpp.IMPL] = (
+                lambda p=prompts: [llamacpp.peer_generate(peer, ids, new) for ids in p],
+                lambda p=prompts: llamacpp.peer_generate(peer, p[0], 2))
         timings = _timed_in_turn(fns, device, sizes.repeats)
         rate = {k: streams * new / v[0] for k, v in timings.items()}
-        for name in ("quantized", "fp32"):
-            model = llm.model if name == "quantized" else fp32_model
-            note = (f"{rate['quantized'] / rate['fp32']:.2f}x fp32" if name == "quantized"
-                    else "the same engine on the dequantized weights")
-            rows.append(Row(SUITE, f"streams-{streams}", f"{OURS}-{name}", "tok/s", rate[name],
-                            ms=timings[name][0] * 1e3,
-                            ceiling_frac=_bw_frac(rate[name] / streams, _weight_bytes(model),
-                                                  ceilings),
-                            note=note, params={"streams": streams, "new_tokens": new,
-                                               "prompt_tokens": 32}))
+        base = rate[f"{OURS}-quantized"]
+        notes = {f"{OURS}-quantized": "; ".join(f"{base / rate[k]:.2f}x {k}" for k in rate
+                                               if k != f"{OURS}-quantized"),
+                 f"{OURS}-fp32": "the same engine on the dequantized weights",
+                 "hf-transformers": f"generate(), one static batch of {streams}, fp32",
+                 llamacpp.IMPL: "the same file, one stream after another"}
+        for name, r in rate.items():
+            model = llm.model if name == f"{OURS}-quantized" else fp32_model
+            frac = _bw_frac(r / streams, _weight_bytes(model), ceilings) \
+                if name != llamacpp.IMPL else _bw_frac(r, _weight_bytes(llm.model), ceilings)
+            rows.append(Row(SUITE, f"decode throughput streams={streams}", name, "tok/s", r,
+                            ms=timings[name][0] * 1e3, ceiling_frac=frac, note=notes[name],
+                            params={"streams": streams, "new_tokens": new, "prompt_tokens": 32}))
+    if peer is None:
+        rows += llamacpp.missing_rows(tuple((f"decode throughput streams={n}", "tok/s") for n in STREAMS
+                                            if n <= PEER_STREAMS))
+    return rows
+
+
+def _ttft_rows(llm, fp32_model: Transformer, hf, peer, device: str, sizes: _Sizes) -> list[Row]:
+    """Time to first token (ms) of one prompt of each of :data:`TTFT_LENGTHS` tokens:
+    the prompt's prefill and one new token, for the same four as :func:`_concurrency_rows`."""
+    from llm_engine.bench import llamacpp
+
+    fp32 = _fp32_engine(llm, fp32_model)
+    rows: list[Row] = []
+    for length in TTFT_LENGTHS:
+        prompt = random_prompts(1, length, fp32_model.config.vocab_size, seed=11)
+        fns = {name: (lambda e=e, p=prompt: _ours_generate(e, p, 1), None)
+               for name, e in ((f"{OURS}-quantized", llm), (f"{OURS}-fp32", fp32))}
+        if hf is not None:
+            fns["hf-transformers"] = (lambda p=prompt: _hf_generate(hf, p, 1, 1), None)
+        if peer is not None:
+            fns[llamacpp.IMPL] = (lambda p=prompt: llamacpp.peer_generate(peer, p[0], 1), None)
+        timings = _timed_in_turn(fns, device, sizes.repeats)
+        ours = timings[f"{OURS}-quantized"][0]
+        for name, (t, _) in timings.items():
+            note = ("; ".join(f"{timings[k][0] / ours:.2f}x faster than {k}" for k in timings
+                              if k != name) if name == f"{OURS}-quantized" else "")
+            rows.append(Row(SUITE, f"time to first token prompt={length}", name, "ms", t * 1e3,
+                            ms=t * 1e3, note=note, params={"prompt_len": length}))
+    if peer is None:
+        rows += llamacpp.missing_rows(tuple((f"time to first token prompt={n}", "ms")
+                                            for n in TTFT_LENGTHS))
     return rows
 
 

@@ -68,35 +68,52 @@ def _peak_rss(impl: str, path: str, threads: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1]) / 1e6
 
 
-def rows(llm, gguf_path: str, prompt_ids: list[int], new: int, repeats: int,
+def open_peer(gguf_path: str, threads: int):
+    """llama.cpp's ``Llama`` on ``gguf_path`` with ``threads`` threads, or None when
+    llama-cpp-python is not installed."""
+    if not available():
+        return None
+    from llama_cpp import Llama
+
+    return Llama(model_path=gguf_path, n_threads=threads, n_threads_batch=threads, n_ctx=2048,
+                 n_batch=1024, verbose=False)
+
+
+def peer_generate(peer, ids: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens after ``ids`` (a fresh context)."""
+    peer.reset()
+    out = []
+    for tok in peer.generate(ids, temp=0.0, top_k=1, reset=True):
+        out.append(tok)
+        if len(out) == n:
+            break
+    return out
+
+
+def missing_rows(cases: tuple[tuple[str, str], ...]) -> list[Row]:
+    """One valueless row per ``(case, metric)`` whose note says how to install the peer."""
+    note = f"llama-cpp-python is not installed; install it with: {INSTALL}"
+    return [Row(SUITE, case, IMPL, metric, None, note=note) for case, metric in cases]
+
+
+def rows(llm, peer, gguf_path: str, prompt_ids: list[int], new: int, repeats: int,
          ceilings: Ceilings) -> list[Row]:
-    """Rows of ours (``llm``, loaded from ``gguf_path``) against llama.cpp on that file."""
+    """Rows of ours (``llm``, loaded from ``gguf_path``) against llama.cpp (``peer``, from
+    :func:`open_peer`; None: not installed) on that file."""
     from llm_engine import SamplingParams
 
     threads = torch.get_num_threads()
-    if not available():
-        note = f"llama-cpp-python is not installed; install it with: {INSTALL}"
-        return [Row(SUITE, case, IMPL, metric, None, note=note)
-                for case, metric in (("decode-bs1", "tok/s"), ("prefill-1000", "tok/s"),
-                                     ("peak-rss", "MB"))]
+    if peer is None:
+        return missing_rows((("decode-bs1", "tok/s"), ("prefill-1000", "tok/s"),
+                             ("peak-rss", "MB")))
     import llama_cpp
-    from llama_cpp import Llama
-
-    peer = Llama(model_path=gguf_path, n_threads=threads, n_threads_batch=threads, n_ctx=2048,
-                 n_batch=1024, verbose=False)
 
     def ours_gen(n: int, ids: list[int]):
         p = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         return llm.generate([ids], p, use_tqdm=False)[0].outputs[0].token_ids
 
     def peer_gen(n: int, ids: list[int]):
-        peer.reset()
-        out = []
-        for tok in peer.generate(ids, temp=0.0, top_k=1, reset=True):
-            out.append(tok)
-            if len(out) == n:
-                break
-        return out
+        return peer_generate(peer, ids, n)
 
     ours_gen(2, prompt_ids)
     peer_gen(2, prompt_ids)
@@ -142,8 +159,6 @@ def rows(llm, gguf_path: str, prompt_ids: list[int], new: int, repeats: int,
             note=f"eval() of the prompt, n_batch 1024, llama-cpp-python {version}",
             params=params),
     ]
-    if hasattr(peer, "close"):  # frees its memory before the subprocesses run
-        peer.close()
     rss = {name: _peak_rss(name, gguf_path, threads) for name in ("ours", "llama.cpp")}
     out += [
         Row(SUITE, "peak-rss", f"{OURS}-quantized", "MB", rss["ours"],

@@ -22,12 +22,15 @@ from llm_engine.bench.common import OURS, Ceilings, Row
 
 @dataclass(frozen=True)
 class PlotSpec:
-    """``x_keys``: alternatives, the first whose params are all present gives x."""
+    """``x_keys``: alternatives, the first whose params are all present gives x;
+    ``x_labels``: ``(first key, label)`` pairs for the panels of other alternatives."""
 
     title: str
     x_label: str
     x_keys: tuple[tuple[str, ...], ...]
     log2_x: bool = True
+    # The x label of panels whose x comes from the key set starting with this key.
+    x_labels: tuple[tuple[str, str], ...] = ()
 
 
 PLOT_SPECS: dict[str, PlotSpec] = {
@@ -41,7 +44,10 @@ PLOT_SPECS: dict[str, PlotSpec] = {
                                 (("context",), ("context_len",), ("seqlen",))),
     "linear": PlotSpec("Linear layers", "rows (tokens)", (("rows",),)),
     "cpu_layer_ops": PlotSpec("CPU layer ops", "rows (tokens)", (("rows",),)),
-    "generate": PlotSpec("Generation", "batch size (sequences)", (("batch",), ("batch_size",))),
+    "generate": PlotSpec("Generation", "batch size (sequences)",
+                         (("batch",), ("batch_size",), ("streams",), ("prompt_len",)),
+                         x_labels=(("streams", "concurrent streams"),
+                                   ("prompt_len", "prompt length (tokens)"))),
     "serve": PlotSpec("Serving (OpenAI API, streaming)", "concurrent clients",
                       (("concurrency",),)),
 }
@@ -106,7 +112,7 @@ def _title(template: str) -> str:
 
 def _panels(rows: list[Row], spec: PlotSpec, split: frozenset[str] = frozenset()
             ) -> dict[tuple, dict]:
-    """panel key → {"title", "metric", "series": impl → [(x, value)]}; the x
+    """panel key → {"title", "metric", "x_label", "series": impl → [(x, value)]}; the x
     params named in ``split`` also tell panels apart. Rows whose case names
     differ only in the x value share a panel: of a row's candidate templates,
     the one most rows share wins (the last placement on a tie)."""
@@ -121,16 +127,17 @@ def _panels(rows: list[Row], spec: PlotSpec, split: frozenset[str] = frozenset()
         axis = tuple(k for k in keys if k not in split)
         others = tuple(sorted((k, str(v)) for k, v in row.params.items() if k not in axis))
         candidates = _templates(row.case, [float(row.params[k]) for k in keys])
-        points.append((row, x, (row.metric, others), candidates))
-    shared = Counter((group, t) for _, _, group, cands in points for t in set(cands))
+        points.append((row, x, keys, (row.metric, others), candidates))
+    shared = Counter((group, t) for _, _, _, group, cands in points for t in set(cands))
     panels: dict[tuple, dict] = {}
-    for row, x, (metric, others), candidates in points:
+    for row, x, keys, (metric, others), candidates in points:
         template = max(reversed(candidates), key=lambda t: shared[(metric, others), t])
         label = _title(template)
         extra = [f"{k}={v}" for k, v in others if k in split]
         title = ", ".join([label, *extra]) if label else ", ".join(f"{k}={v}" for k, v in others)
         panel = panels.setdefault((metric, template, others),
-                                  {"title": title or spec.title, "metric": metric, "series": {}})
+                                  {"title": title or spec.title, "metric": metric, "series": {},
+                                   "x_label": dict(spec.x_labels).get(keys[0], spec.x_label)})
         panel["series"].setdefault(row.impl, []).append((x, row.value))
     return panels
 
@@ -185,7 +192,7 @@ def _draw(spec: PlotSpec, panels: dict[tuple, dict], ceilings: Ceilings | None,
             ax.axhline(ceiling, color="0.35", linestyle="--", linewidth=1,
                        label=f"{_CEILING_LABELS[metric]} ceiling ({shown} {metric})")
         ax.set_title(panel["title"], fontsize=10)
-        ax.set_xlabel(spec.x_label)
+        ax.set_xlabel(panel["x_label"])
         ax.set_ylabel(metric)
         ax.set_ylim(bottom=0)
         if spec.log2_x:

@@ -40,6 +40,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.kv_caches = [kv_cache.layer(i) for i in range(kv_cache.num_layers)]
+        self.decoder = model.decoder_stack(self.kv_caches)
         # CUDA graphs, captured lazily the first time a batch-size bucket is needed.
         self.graph_sizes = self._graph_buckets(max_num_seqs) if (
             use_cuda_graphs and self.device.type == "cuda") else []
@@ -85,7 +86,7 @@ class ModelRunner:
             has_cached_prefix=bool(batch.starts.any()),
         )
         hidden = self.model(self._to_device(input_ids), self._to_device(positions), attn,
-                            self.kv_caches)
+                            self.kv_caches, self.decoder)
         last = cu[1:][batch.sample] - 1
         if len(last) != total:
             hidden = hidden[self._to_device(last.astype(np.int64))]

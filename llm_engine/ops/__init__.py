@@ -10,7 +10,9 @@ below and never branches on device. The default choice, per kind of input:
   gradient wanted) decode attention, RMSNorm, the SwiGLU activation, the rotary
   embedding and the K/V cache store through the C++ kernels of ``csrc/cpu/`` (``cpp``);
   prefill and training attention through ``scaled_dot_product_attention`` (``sdpa``);
-  everything else through the plain-PyTorch references (``reference``).
+  everything else through the plain-PyTorch references (``reference``). A decode step
+  of a model whose projections are quantized runs every layer in one C++ call
+  (``decode_layers``).
 
 Any op can be forced to an implementation by name: ``LLM_ENGINE_BACKENDS="rms_norm=reference"``
 (``LLM_ENGINE_BACKEND=triton|torch``: Triton everywhere it exists / nowhere),
@@ -24,6 +26,12 @@ from llm_engine.ops.attention import (
     paged_attention,
     paged_prefill_attention,
     store_kv_cache,
+)
+from llm_engine.ops.decoder import (
+    DecoderLayerWeights,
+    DecoderStack,
+    decode_layers,
+    decode_layers_reference,
 )
 from llm_engine.ops.dispatch import Impl, Needs, Op, Registry, registry, set_backends, use
 from llm_engine.ops.elementwise import (
@@ -47,6 +55,8 @@ from llm_engine.ops.sampling import cross_entropy, sample
 
 __all__ = [
     "QUANT_GEMM_MIN_ROWS",
+    "DecoderLayerWeights",
+    "DecoderStack",
     "Impl",
     "Needs",
     "Op",
@@ -56,6 +66,8 @@ __all__ = [
     "apply_rope_reference",
     "attention_varlen",
     "cross_entropy",
+    "decode_layers",
+    "decode_layers_reference",
     "dequantize",
     "layer_norm",
     "linear",

@@ -10,7 +10,10 @@ Implementations of ``quantized_linear``, in preference order:
   when forced (``ops.use(quantized_linear="int8")``, ``--backend quantized_linear=int8``):
   activations rounded to int8 per 32-block as llama.cpp does (:func:`int8_rounded`), then
   integer dot products with the blocks (``_C.quant_matmul(..., int8_activations=True)``);
-- ``reference``: dequantize, then ``F.linear`` (CUDA, other dtypes, autograd for ``x``).
+- ``triton``: CUDA (the default there; CPU tensors under ``TRITON_INTERPRET=1``) without
+  grad, Q8_0 / Q4_0 / Q4_1 weights: the weight-only GEMM of ``kernels/quant_matmul.py``
+  on the weight repacked once into its layout (:func:`group_layout`);
+- ``reference``: dequantize, then ``F.linear`` (other types and dtypes, autograd for ``x``).
 
 ``onednn`` and ``cpp`` keep ``x`` in fp32, so a row's result differs between them only by
 the order of its sums. ``int8`` is not a default: the rounding makes a result jump with
@@ -26,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from llm_engine import _C
-from llm_engine.ops.common import ANY, as_rows, cpp_needs
+from llm_engine.kernels import quant_matmul as quant_kernels
+from llm_engine.ops.common import ANY, as_rows, cpp_needs, on_cuda, triton_needs
 from llm_engine.ops.dispatch import Op, registry, tensor_facts
 from llm_engine.ops.matmul import _LINEAR_POINTWISE, _onednn_mm
 from llm_engine.quant import QUANT_TYPES, QuantizedWeight
@@ -46,12 +50,14 @@ def _signature(x: torch.Tensor, weight: QuantizedWeight,
             weight.blocks.is_cpu and (bias is None or bias.shape == (weight.out_features,)),
             rows >= QUANT_GEMM_MIN_ROWS and _LINEAR_POINTWISE is not None
             and torch.backends.mkldnn.enabled,
+            weight.qtype in GROUP_TYPES and weight.blocks.device == x.device,
             weight.qtype in INT8_TYPES)
 
 
 QUANTIZED_LINEAR = registry().add(Op("quantized_linear", _signature, {
     "blocks": "the weight's blocks on the CPU, bias (out,) or None",
     "many_rows": f"at least {QUANT_GEMM_MIN_ROWS} rows, oneDNN enabled",
+    "group_type": "q8_0/q4_0/q4_1 blocks on x's device",
     "int8_type": "/".join(sorted(INT8_TYPES)) + " weights",
 }, "x @ W.T + bias, W quantized"))
 
@@ -117,6 +123,46 @@ def int8_rounded(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     return (q * d).reshape(x.shape)
 
 
+# The types whose blocks are one scale (and offset) per 32 levels: the Triton GEMM's layout.
+GROUP_TYPES = ("q8_0", "q4_0", "q4_1")
+
+
+def group_layout(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(qweight, scales, offsets, bits)`` of a Q8_0 / Q4_0 / Q4_1 weight in the layout of
+    ``kernels/quant_matmul.py`` (groups of 32; int8 levels, or uint4 levels packed two
+    per byte; fp16 scales and offsets, the blocks' own values, so that ``level · scale +
+    offset`` is the GGUF dequantization exactly), on the weight's device. Made once per
+    weight and kept in ``weight.layouts``."""
+    layout = weight.layouts.get("group")
+    if layout is not None:
+        return layout
+    if weight.qtype not in GROUP_TYPES:
+        raise ValueError(f"weight.qtype must be one of {GROUP_TYPES}, got {weight.qtype!r}")
+    n, k = weight.shape
+    b = weight.blocks.view(n * k // 32, -1)
+    scales = b[:, :2].contiguous().view(torch.float16).view(n, k // 32)
+    if weight.qtype == "q8_0":
+        layout = (b[:, 2:].contiguous().view(torch.int8).view(n, k), scales,
+                  torch.zeros_like(scales), 8)
+    else:
+        nibbles = b[:, 4:] if weight.qtype == "q4_1" else b[:, 2:]
+        levels = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=1).reshape(n, k)
+        offsets = (b[:, 2:4].contiguous().view(torch.float16).view(n, k // 32)
+                   if weight.qtype == "q4_1" else scales * -8)
+        layout = (quant_kernels.pack_int4(levels), scales, offsets, 4)
+    weight.layouts["group"] = layout
+    return layout
+
+
+def _quantized_linear_triton(x: torch.Tensor, weight: QuantizedWeight,
+                             bias: torch.Tensor | None = None) -> torch.Tensor:
+    qweight, scales, offsets, bits = group_layout(weight)
+    out = quant_kernels.quant_matmul(as_rows(x), qweight, scales, offsets, bits, 32)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.view(*x.shape[:-1], weight.out_features)
+
+
 def quantized_linear_reference(x: torch.Tensor, weight: QuantizedWeight,
                                bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize (:func:`llm_engine.quant.dequantize`) then ``F.linear``, in ``x``'s dtype."""
@@ -135,6 +181,10 @@ def dequantize(weight: QuantizedWeight) -> torch.Tensor:
     return out
 
 
+QUANTIZED_LINEAR.register("triton", _quantized_linear_triton,
+                          triton_needs(grad=False, facts=("group_type",)),
+                          "Triton weight-only GEMM on the weight repacked once (group_layout)",
+                          auto=on_cuda)
 QUANTIZED_LINEAR.register("onednn", _quantized_linear_onednn,
                           cpp_needs(("blocks", "many_rows")),
                           "dequantized tiles (_C.quant_dequantize) into oneDNN's fp32 GEMM")
