@@ -86,6 +86,31 @@ def _store_rows(base, x, rows, stride_t, n_rows, offs_d,
 
 
 @triton.jit
+def _token_base(PTR, start, stride_t, head, stride_h):
+    """Pointer to token ``start``, head ``head`` of a packed (tokens, heads, head_dim) tensor."""
+    return PTR + start.to(tl.int64) * stride_t + head * stride_h
+
+
+@triton.jit
+def _seq_span(CU, seq):
+    """Start and length of sequence ``seq`` from its cumulative lengths ``CU``."""
+    start = tl.load(CU + seq)
+    return start, tl.load(CU + seq + 1) - start
+
+
+@triton.jit
+def _key_mask(cols, offs_m, seqlen_k, diag, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Which (query row, key column) pairs are visible: keys in bounds, at or before the
+    diagonal when CAUSAL, and within the sliding window when WINDOW > 0."""
+    mask = cols[None, :] < seqlen_k
+    if CAUSAL:
+        mask = mask & (cols[None, :] <= offs_m[:, None] + diag)
+    if WINDOW > 0:
+        mask = mask & (cols[None, :] > offs_m[:, None] + diag - WINDOW)
+    return mask
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi,
                offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale,
                CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -101,12 +126,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi,
         k = _load_rows(k_base, cols, stride_kt, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            mask = cols[None, :] < seqlen_k
-            if CAUSAL:
-                mask = mask & (cols[None, :] <= offs_m[:, None] + diag)
-            if WINDOW > 0:
-                mask = mask & (cols[None, :] > offs_m[:, None] + diag - WINDOW)
-            qk = tl.where(mask, qk, float("-inf"))
+            qk = tl.where(_key_mask(cols, offs_m, seqlen_k, diag, CAUSAL, WINDOW), qk,
+                          float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
@@ -122,16 +143,55 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi,
 
 
 @triton.jit
-def _causal_key_range(start_m, seqlen_k, diag, CAUSAL: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key ranges for one query block: [0, off_end) needs no mask, [off_end, band_end) does."""
+def _key_range(start_m, seqlen_k, diag, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key ranges for one query block: [lo, off_end) needs no mask, [off_end, band_end) does.
+
+    With a sliding window (WINDOW > 0) every visited key block is masked, from the
+    block holding the window's first key.
+    """
     if CAUSAL:
         off_end = tl.maximum(start_m + diag + 1, 0) // BLOCK_N * BLOCK_N
         band_end = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), seqlen_k)
     else:
         off_end = seqlen_k // BLOCK_N * BLOCK_N
         band_end = seqlen_k
-    return off_end, band_end
+    lo = 0
+    if WINDOW > 0:
+        lo = tl.maximum(start_m + diag - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+        off_end = lo
+    return lo, off_end, band_end
+
+
+@triton.jit
+def _query_block(CU_Q, BLOCK_M: tl.constexpr):
+    """(head, seq, q_start, seqlen_q, start_m) of a program over one query block; the
+    last query blocks come first, since under a causal mask they visit the most keys."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start, seqlen_q = _seq_span(CU_Q, seq)
+    return head, seq, q_start, seqlen_q, pid_m * BLOCK_M
+
+
+@triton.jit
+def _query_block_setup(Q, K, V, CU_K, seq, head, q_start, seqlen_q, start_m,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A query block's q tile, its sequence's K/V bases and key length, the diagonal offset
+    and the row, key and lane offsets: what the forward and dQ kernels start from."""
+    k_start, seqlen_k = _seq_span(CU_K, seq)
+    diag = seqlen_k - seqlen_q
+    kv_head = head // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = _token_base(Q, q_start, stride_qt, head, stride_qh)
+    k_base = _token_base(K, k_start, stride_kt, kv_head, stride_kh)
+    v_base = _token_base(V, k_start, stride_vt, kv_head, stride_vh)
+    q = _load_rows(q_base, offs_m, stride_qt, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    return q, k_base, v_base, seqlen_k, diag, offs_m, offs_n, offs_d
 
 
 @triton.jit
@@ -143,36 +203,17 @@ def _attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr = 0,
 ):
-    # Last query blocks first: under a causal mask they have the most key blocks to visit.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
-    q_start = tl.load(CU_Q + seq)
-    seqlen_q = tl.load(CU_Q + seq + 1) - q_start
-    start_m = pid_m * BLOCK_M
+    head, seq, q_start, seqlen_q, start_m = _query_block(CU_Q, BLOCK_M)
     if start_m >= seqlen_q:
         return
-    k_start = tl.load(CU_K + seq)
-    seqlen_k = tl.load(CU_K + seq + 1) - k_start
-    diag = seqlen_k - seqlen_q
-    kv_head = head // GROUP
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
-    k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
-    v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
-    q = _load_rows(q_base, offs_m, stride_qt, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    q, k_base, v_base, seqlen_k, diag, offs_m, offs_n, offs_d = _query_block_setup(
+        Q, K, V, CU_K, seq, head, q_start, seqlen_q, start_m, stride_qt, stride_qh, stride_kt,
+        stride_kh, stride_vt, stride_vh, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    off_end, band_end = _causal_key_range(start_m, seqlen_k, diag, CAUSAL, BLOCK_M, BLOCK_N)
-    lo = 0
-    if WINDOW > 0:  # a sliding window: every visited key block is masked, from the window's start
-        lo = tl.maximum(start_m + diag - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
-        off_end = lo
+    lo, off_end, band_end = _key_range(start_m, seqlen_k, diag, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                lo, off_end, offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale,
                                CAUSAL, False, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
@@ -184,9 +225,8 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    o_base = O + q_start.to(tl.int64) * stride_ot + head * stride_oh
-    _store_rows(o_base, acc.to(O.dtype.element_ty), offs_m, stride_ot, seqlen_q, offs_d,
-                HEAD_DIM, BLOCK_D)
+    _store_rows(_token_base(O, q_start, stride_ot, head, stride_oh), acc.to(O.dtype.element_ty),
+                offs_m, stride_ot, seqlen_q, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(LSE + head * stride_lse_h + q_start + offs_m, lse, mask=offs_m < seqlen_q)
 
 
@@ -259,22 +299,20 @@ def _attn_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
-    k_start = tl.load(CU_K + seq)
-    seqlen_k = tl.load(CU_K + seq + 1) - k_start
+    k_start, seqlen_k = _seq_span(CU_K, seq)
     start_n = pid_n * BLOCK_N
     if start_n >= seqlen_k:
         return
-    q_start = tl.load(CU_Q + seq)
-    seqlen_q = tl.load(CU_Q + seq + 1) - q_start
+    q_start, seqlen_q = _seq_span(CU_Q, seq)
     diag = seqlen_k - seqlen_q
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
-    v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
-    k = _load_rows(k_base, offs_n, stride_kt, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(v_base, offs_n, stride_vt, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    k = _load_rows(_token_base(K, k_start, stride_kt, kv_head, stride_kh), offs_n, stride_kt,
+                   seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(_token_base(V, k_start, stride_vt, kv_head, stride_vh), offs_n, stride_vt,
+                   seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -295,8 +333,8 @@ def _attn_bwd_dkdv_kernel(
         tail_start = seqlen_q
 
     head = kv_head * GROUP
-    q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
-    do_base = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh
+    q_base = _token_base(Q, q_start, stride_qt, head, stride_qh)
+    do_base = _token_base(DO, q_start, stride_dot, head, stride_doh)
     lse_base = LSE + head * stride_lse_h + q_start
     delta_base = DELTA + head * stride_lse_h + q_start
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
@@ -312,12 +350,12 @@ def _attn_bwd_dkdv_kernel(
                              offs_m, offs_n, offs_d, seqlen_q, diag, qk_scale, GROUP, CAUSAL,
                              True, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
 
-    dk_base = DK + k_start.to(tl.int64) * stride_dkt + kv_head * stride_dkh
-    dv_base = DV + k_start.to(tl.int64) * stride_dvt + kv_head * stride_dvh
-    _store_rows(dk_base, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkt,
-                seqlen_k, offs_d, HEAD_DIM, BLOCK_D)
-    _store_rows(dv_base, dv.to(DV.dtype.element_ty), offs_n, stride_dvt, seqlen_k, offs_d,
-                HEAD_DIM, BLOCK_D)
+    _store_rows(_token_base(DK, k_start, stride_dkt, kv_head, stride_dkh),
+                (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkt, seqlen_k,
+                offs_d, HEAD_DIM, BLOCK_D)
+    _store_rows(_token_base(DV, k_start, stride_dvt, kv_head, stride_dvh),
+                dv.to(DV.dtype.element_ty), offs_n, stride_dvt, seqlen_k, offs_d, HEAD_DIM,
+                BLOCK_D)
 
 
 @triton.jit
@@ -334,12 +372,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, l
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
-            mask = cols[None, :] < seqlen_k
-            if CAUSAL:
-                mask = mask & (cols[None, :] <= offs_m[:, None] + diag)
-            if WINDOW > 0:
-                mask = mask & (cols[None, :] > offs_m[:, None] + diag - WINDOW)
-            p = tl.where(mask, p, 0.0)
+            p = tl.where(_key_mask(cols, offs_m, seqlen_k, diag, CAUSAL, WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -356,48 +389,29 @@ def _attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr = 0,
 ):
-    # Last query blocks first: under a causal mask they have the most key blocks to visit.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
-    q_start = tl.load(CU_Q + seq)
-    seqlen_q = tl.load(CU_Q + seq + 1) - q_start
-    start_m = pid_m * BLOCK_M
+    head, seq, q_start, seqlen_q, start_m = _query_block(CU_Q, BLOCK_M)
     if start_m >= seqlen_q:
         return
-    k_start = tl.load(CU_K + seq)
-    seqlen_k = tl.load(CU_K + seq + 1) - k_start
-    diag = seqlen_k - seqlen_q
-    kv_head = head // GROUP
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
-    do_base = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh
-    k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
-    v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
-    q = _load_rows(q_base, offs_m, stride_qt, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(do_base, offs_m, stride_dot, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    q, k_base, v_base, seqlen_k, diag, offs_m, offs_n, offs_d = _query_block_setup(
+        Q, K, V, CU_K, seq, head, q_start, seqlen_q, start_m, stride_qt, stride_qh, stride_kt,
+        stride_kh, stride_vt, stride_vh, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+    do = _load_rows(_token_base(DO, q_start, stride_dot, head, stride_doh), offs_m, stride_dot,
+                    seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
     row_ok = offs_m < seqlen_q
     lse = tl.load(LSE + head * stride_lse_h + q_start + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + head * stride_lse_h + q_start + offs_m, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    off_end, band_end = _causal_key_range(start_m, seqlen_k, diag, CAUSAL, BLOCK_M, BLOCK_N)
-    lo = 0
-    if WINDOW > 0:  # as in the forward: masked key blocks from the window's start
-        lo = tl.maximum(start_m + diag - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
-        off_end = lo
+    lo, off_end, band_end = _key_range(start_m, seqlen_k, diag, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, off_end,
                        offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale, CAUSAL, False,
                        HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, off_end,
                        band_end, offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale, CAUSAL, True,
                        HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, WINDOW)
-    dq_base = DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh
-    _store_rows(dq_base, (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqt,
-                seqlen_q, offs_d, HEAD_DIM, BLOCK_D)
+    _store_rows(_token_base(DQ, q_start, stride_dqt, head, stride_dqh),
+                (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqt, seqlen_q,
+                offs_d, HEAD_DIM, BLOCK_D)
 
 
 # --------------------------------------------------------------------------- autotuning

@@ -68,12 +68,41 @@ def _prune_warps(configs: list[triton.Config], named_args: dict, **kwargs) -> li
     return tuning_choices(kept, lambda c: tile / (32 * c.num_warps) in (8, 16))
 
 
-@triton.autotune(
-    configs=_warp_configs(),
-    key=["N", "ROWS", "BLOCK_N", "IS_RMS", "HAS_BIAS", "HAS_RESIDUAL"],
-    prune_configs_by={"early_config_prune": _prune_warps},
-    do_bench=_tuning_bench,
-)
+def _autotune_rows(extra_key: str):
+    """The autotuning decorator of a row kernel: its warp count, tuned per hidden size,
+    tile, norm kind, bias and ``extra_key`` (the kernel's other constexpr flag)."""
+    return triton.autotune(
+        configs=_warp_configs(),
+        key=["N", "ROWS", "BLOCK_N", "IS_RMS", "HAS_BIAS", extra_key],
+        prune_configs_by={"early_config_prune": _prune_warps},
+        do_bench=_tuning_bench,
+    )
+
+
+@triton.jit
+def _input_tile(x_rows, r_rows, h_rows, cols, mask, H, HAS_RESIDUAL: tl.constexpr):
+    """A tile of the norm's input in fp32: x, or with a residual h = x + r, which is
+    rounded to H's dtype and stored to ``h_rows`` first."""
+    x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(H.dtype.element_ty)
+        tl.store(h_rows + cols[None, :], h, mask=mask)
+        x = h.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _affine_store(Y, y_rows, xhat, W, B, cols, col_mask, mask, HAS_BIAS: tl.constexpr):
+    """y = xhat * w (+ b) of a tile, stored in Y's dtype."""
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    y = xhat * w[None, :]
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@_autotune_rows("HAS_RESIDUAL")
 @triton.jit
 def _norm_fwd_kernel(
     X, R, W, B, Y, H, Mean, Rstd,
@@ -89,19 +118,19 @@ def _norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     x_rows = X + rows64[:, None] * stride_x
     y_rows = Y + rows64[:, None] * N
+    # h_rows: where the norm's input is stored (with a residual) and read back (x itself
+    # without one, when r_rows is unused).
     if HAS_RESIDUAL:
         r_rows = R + rows64[:, None] * stride_r
         h_rows = H + rows64[:, None] * N
+    else:
+        r_rows = x_rows
+        h_rows = x_rows
 
     if ONE_PASS:
         col_mask = cols < N
         mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            h = (x + r).to(H.dtype.element_ty)
-            tl.store(h_rows + cols[None, :], h, mask=mask)
-            x = h.to(tl.float32)
+        x = _input_tile(x_rows, r_rows, h_rows, cols, mask, H, HAS_RESIDUAL)
         if IS_RMS:
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
             xhat = x * rstd[:, None]
@@ -112,23 +141,14 @@ def _norm_fwd_kernel(
             xhat = xc * rstd[:, None]
             tl.store(Mean + rows, mean, mask=row_mask)
         tl.store(Rstd + rows, rstd, mask=row_mask)
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        y = xhat * w[None, :]
-        if HAS_BIAS:
-            y += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        _affine_store(Y, y_rows, xhat, W, B, cols, col_mask, mask, HAS_BIAS)
     else:
         # Pass 1: form h (stored once, re-read by the later passes) and sum x or x**2.
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c < N)[None, :]
-            x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                r = tl.load(r_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                h = (x + r).to(H.dtype.element_ty)
-                tl.store(h_rows + c[None, :], h, mask=mask)
-                x = h.to(tl.float32)
+            x = _input_tile(x_rows, r_rows, h_rows, c, mask, H, HAS_RESIDUAL)
             if IS_RMS:
                 acc += x * x
             else:
@@ -136,9 +156,6 @@ def _norm_fwd_kernel(
         if HAS_RESIDUAL:
             # h was written by other threads of this program: make it visible.
             tl.debug_barrier()
-            src_rows = h_rows
-        else:
-            src_rows = x_rows
         if IS_RMS:
             mean = tl.zeros([ROWS], dtype=tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / N + eps)
@@ -148,7 +165,7 @@ def _norm_fwd_kernel(
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 mask = row_mask[:, None] & (c < N)[None, :]
-                x = tl.load(src_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(h_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
                 xc = tl.where(mask, x - mean[:, None], 0.0)
                 acc += xc * xc
             rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / N + eps)
@@ -158,12 +175,9 @@ def _norm_fwd_kernel(
             c = start + cols
             col_mask = c < N
             mask = row_mask[:, None] & col_mask[None, :]
-            x = tl.load(src_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(W + c, mask=col_mask, other=0.0).to(tl.float32)
-            y = (x - mean[:, None]) * rstd[:, None] * w[None, :]
-            if HAS_BIAS:
-                y += tl.load(B + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_rows + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
+            x = tl.load(h_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            _affine_store(Y, y_rows, (x - mean[:, None]) * rstd[:, None], W, B, c, col_mask, mask,
+                          HAS_BIAS)
 
 
 @triton.jit
@@ -180,12 +194,7 @@ def _bwd_tile_loads(X, DY, Mean, Rstd, rows, row_end, cols, col_mask, stride_x, 
     return x, dy, mean, rstd
 
 
-@triton.autotune(
-    configs=_warp_configs(),
-    key=["N", "ROWS", "BLOCK_N", "IS_RMS", "HAS_BIAS", "HAS_DH"],
-    prune_configs_by={"early_config_prune": _prune_warps},
-    do_bench=_tuning_bench,
-)
+@_autotune_rows("HAS_DH")
 @triton.jit
 def _norm_bwd_kernel(
     DY, DH, X, W, Mean, Rstd, DX, DW_partial, DB_partial,

@@ -109,6 +109,46 @@ def moe_reference(x: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tenso
 
 
 @triton.jit
+def _block_rows(pair_ptr, pid_m, num_pairs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row offsets of row block ``pid_m`` in the grouped pairs, the pair of each row,
+    which rows hold a pair (not padding), and this program's column offsets."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pair_ptr + offs_m)
+    return offs_m, pair, pair < num_pairs, tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _load_w_tile(w_base, offs_n, stride_wn, offs_k, col_ok, k_ok):
+    """The (BLOCK_K, BLOCK_N) tile ``w[offs_n, offs_k].T`` of an expert's row-major
+    weight; out-of-range entries are zero."""
+    return tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
+                   mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _expert_matmul(a_ptr, a_rows, stride_a, row_ok, w_base, offs_n, col_ok, stride_wn, K,
+                   up_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GATED: tl.constexpr, IN_PREC: tl.constexpr):
+    """``a[a_rows] @ w[offs_n].T`` over K in fp32; with GATED also ``a[a_rows] @
+    w[offs_n + up_offset].T`` from the same tiles of ``a`` (zeros without)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_a + offs_k[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = _load_w_tile(w_base, offs_n, stride_wn, offs_k, col_ok, k_ok)
+        if GATED:
+            wu = _load_w_tile(w_base, offs_n + up_offset, stride_wn, offs_k, col_ok, k_ok)
+            acc = tl.dot(a, w, acc, input_precision=IN_PREC)
+            up = tl.dot(a, wu, up, input_precision=IN_PREC)
+        else:
+            acc = tl.dot(a, w, acc, input_precision=IN_PREC)
+    return acc, up
+
+
+@triton.jit
 def _moe_gate_up_kernel(
     x_ptr, w_ptr, h_ptr, pair_ptr, block_expert_ptr,
     hidden, width, top_k, num_pairs,
@@ -118,30 +158,16 @@ def _moe_gate_up_kernel(
 ):
     """Rows of one expert's run (gathered tokens) times its gate and up columns;
     writes ``silu(gate) * up`` for columns ``[pid_n·BLOCK_N, +BLOCK_N)``."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    pid_m = tl.program_id(0)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(pair_ptr + offs_m)
-    row_ok = pair < num_pairs
+    offs_m, pair, row_ok, offs_n = _block_rows(pair_ptr, pid_m, num_pairs, BLOCK_M, BLOCK_N)
     token = tl.where(row_ok, pair // top_k, 0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = offs_n < width
-    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    w_base = w_ptr + expert.to(tl.int64) * stride_we
-    for k0 in range(0, hidden, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < hidden
-        xs = tl.load(x_ptr + token[:, None].to(tl.int64) * stride_xt + offs_k[None, :],
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wg = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
-                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        wu = tl.load(w_base + (offs_n[None, :] + width) * stride_wn + offs_k[:, None],
-                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        gate = tl.dot(xs, wg, gate, input_precision=IN_PREC)
-        up = tl.dot(xs, wu, up, input_precision=IN_PREC)
+    gate, up = _expert_matmul(x_ptr, token, stride_xt, row_ok,
+                              w_ptr + expert.to(tl.int64) * stride_we, offs_n, col_ok, stride_wn,
+                              hidden, width, BLOCK_M, BLOCK_N, BLOCK_K, True, IN_PREC)
     h = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(h_ptr + offs_m[:, None].to(tl.int64) * stride_ht + offs_n[None, :],
              h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -157,25 +183,15 @@ def _moe_down_kernel(
 ):
     """Rows of ``silu(gate) * up`` times one expert's down columns, each row scaled by
     its routing weight and written to its (token, slot) row of the output buffer."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    pid_m = tl.program_id(0)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(pair_ptr + offs_m)
-    row_ok = pair < num_pairs
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, pair, row_ok, offs_n = _block_rows(pair_ptr, pid_m, num_pairs, BLOCK_M, BLOCK_N)
     col_ok = offs_n < hidden
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    w_base = w_ptr + expert.to(tl.int64) * stride_we
-    for k0 in range(0, width, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < width
-        hs = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * stride_ht + offs_k[None, :],
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wd = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None],
-                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(hs, wd, acc, input_precision=IN_PREC)
+    acc, _ = _expert_matmul(h_ptr, offs_m, stride_ht, row_ok,
+                            w_ptr + expert.to(tl.int64) * stride_we, offs_n, col_ok, stride_wn,
+                            width, 0, BLOCK_M, BLOCK_N, BLOCK_K, False, IN_PREC)
     rw = tl.load(weight_ptr + tl.where(row_ok, pair, 0), mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * rw[:, None]
     safe = tl.where(row_ok, pair, 0).to(tl.int64)

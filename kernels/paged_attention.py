@@ -285,12 +285,16 @@ def paged_prefill_attention_reference(
             )
         if n_q == 0:
             continue
-        k = _gather_context(k_cache, block_tables[b], ctx).float()  # (ctx, kv_heads, head_dim)
-        v = _gather_context(v_cache, block_tables[b], ctx).float()
+        # With a window, the blocks before the first query's window are never read
+        # (an engine may have released them: their table entries are -1).
+        first = 0 if window is None else max(0, ctx - n_q - window + 1) // block_size
+        table = block_tables[b, first:]
+        k = _gather_context(k_cache, table, ctx - first * block_size).float()  # (keys, kv_heads, d)
+        v = _gather_context(v_cache, table, ctx - first * block_size).float()
         qb = q[start:end].float().view(n_q, kv_heads, group, head_dim)
         scores = torch.einsum("qkgd,tkd->kgqt", qb, k) * scale
         q_pos = torch.arange(ctx - n_q, ctx, device=q.device)
-        k_pos = torch.arange(ctx, device=q.device)
+        k_pos = torch.arange(first * block_size, ctx, device=q.device)
         hidden = k_pos[None, :] > q_pos[:, None]
         if window is not None:
             hidden |= k_pos[None, :] <= q_pos[:, None] - window
@@ -340,6 +344,35 @@ def _store_kv_kernel(
 
 
 @triton.jit
+def _paged_kv_tile(kc_ptr, vc_ptr, bt_row, pos, pmask, d, dmask, kvh,
+                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                   BLOCK_SIZE: tl.constexpr):
+    """K and V of KV head ``kvh`` at context positions ``pos`` (rows), read through the
+    sequence's block-table row ``bt_row``; positions off ``pmask`` and lanes off ``dmask``
+    read as zero."""
+    blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pmask, other=0).to(tl.int64)
+    off = pos % BLOCK_SIZE
+    kv_mask = pmask[:, None] & dmask[None, :]
+    k = tl.load(kc_ptr + (blk * stride_kb + off * stride_ks + kvh * stride_kh)[:, None]
+                + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(vc_ptr + (blk * stride_vb + off * stride_vs + kvh * stride_vh)[:, None]
+                + d[None, :], mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _online_softmax_step(acc, l_i, m_i, s, v, IN_PREC: tl.constexpr):
+    """Fold one tile of base-2 scores ``s`` (masked entries ``-inf``) and its values ``v``
+    into the running (acc, l_i, m_i)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=IN_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
     stride_qs, stride_qh,
@@ -382,21 +415,11 @@ def _paged_decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pmask = pos < end
-        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pmask, other=0).to(tl.int64)
-        off = pos % BLOCK_SIZE
-        kv_mask = pmask[:, None] & dmask[None, :]
-        k = tl.load(kc_ptr + (blk * stride_kb + off * stride_ks + kvh * stride_kh)[:, None]
-                    + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(vc_ptr + (blk * stride_vb + off * stride_vs + kvh * stride_vh)[:, None]
-                    + d[None, :], mask=kv_mask, other=0.0)
+        k, v = _paged_kv_tile(kc_ptr, vc_ptr, bt_row, pos, pmask, d, dmask, kvh, stride_kb,
+                              stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE)
         s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * scale_log2
         s = tl.where(pmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=IN_PREC)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, IN_PREC)
 
     out_mask = gmask[:, None] & dmask[None, :]
     if SPLIT:
@@ -494,24 +517,14 @@ def _paged_prefill_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pmask = pos < hi
-        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pmask, other=0).to(tl.int64)
-        off = pos % BLOCK_SIZE
-        kv_mask = pmask[:, None] & dmask[None, :]
-        k = tl.load(kc_ptr + (blk * stride_kb + off * stride_ks + kvh * stride_kh)[:, None]
-                    + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(vc_ptr + (blk * stride_vb + off * stride_vs + kvh * stride_vh)[:, None]
-                    + d[None, :], mask=kv_mask, other=0.0)
+        k, v = _paged_kv_tile(kc_ptr, vc_ptr, bt_row, pos, pmask, d, dmask, kvh, stride_kb,
+                              stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE)
         s = tl.dot(q, tl.trans(k), input_precision=IN_PREC) * scale_log2
         visible = pmask[None, :] & (pos[None, :] <= q_pos[:, None])
         if WINDOW > 0:
             visible = visible & (pos[None, :] > q_pos[:, None] - WINDOW)
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=IN_PREC)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, IN_PREC)
     out = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])

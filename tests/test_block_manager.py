@@ -167,6 +167,87 @@ def test_fork_with_full_last_block_needs_no_copy(make):
     assert bm.ref_count(0) == 2
 
 
+def test_free_prefix_blocks_marks_them_released_and_keeps_logical_indexing(make):
+    bm = make(8, BS)
+    bm.allocate(1, list(range(3 * BS + 1)))
+    compute(bm, 1)
+    assert bm.free_prefix_blocks(1, 2) == 2
+    assert list(bm.block_table(1)) == [-1, -1, 2, 3]
+    assert bm.num_released_blocks(1) == 2 and bm.num_free_blocks == 6
+    assert bm.free_prefix_blocks(1, 1) == 0  # already released: no change
+    assert bm.free_prefix_blocks(1, 3) == 1
+    assert list(bm.block_table(1)) == [-1, -1, -1, 3]
+    # The next token still lands in logical block 3 (block id 3).
+    assert bm.append_token(1, 5) == 3 * BS + 1
+    assert list(bm.token_ids(1))[:3] == [0, 1, 2]
+    slots, tables, lens = bm.prepare_step([1], [3 * BS + 1], [3 * BS + 2], 6)
+    assert slots.tolist() == [3 * BS + 1]
+    assert tables.tolist() == [[-1, -1, -1, 3, -1, -1]] and lens.tolist() == [3 * BS + 2]
+    bm.free(1)
+    assert bm.num_free_blocks == 8 and all(bm.ref_count(b) == 0 for b in range(8))
+
+
+@pytest.mark.parametrize("n", [-1, 3, 10])
+def test_free_prefix_blocks_rejects_counts_outside_the_full_blocks(make, n):
+    bm = make(8, BS)
+    bm.allocate(1, list(range(2 * BS + 1)))  # 2 full blocks, the third takes the next token
+    with pytest.raises(ValueError, match="num_blocks"):
+        bm.free_prefix_blocks(1, n)
+    assert bm.num_free_blocks == 5 and bm.num_released_blocks(1) == 0
+    with pytest.raises(KeyError):
+        bm.free_prefix_blocks(9, 0)
+
+
+def test_prepare_step_rejects_positions_in_released_blocks(make):
+    bm = make(8, BS)
+    bm.allocate(1, list(range(3 * BS)))
+    bm.free_prefix_blocks(1, 1)
+    with pytest.raises(ValueError, match="released"):
+        bm.prepare_step([1], [BS - 1], [3 * BS])
+    bm.prepare_step([1], [BS], [3 * BS])  # the positions after them are fine
+
+
+def test_free_prefix_blocks_of_a_fork_only_drops_its_references(make):
+    bm = make(8, BS)
+    bm.allocate(1, list(range(2 * BS + 2)))
+    compute(bm, 1)
+    bm.fork(1, 2)
+    assert bm.free_prefix_blocks(1, 2) == 2
+    assert [bm.ref_count(b) for b in (0, 1)] == [1, 1]  # the child still holds them
+    assert list(bm.block_table(2)) == [0, 1, 2] and bm.num_free_blocks == 5
+    bm.fork(1, 3)  # a fork of a sequence with released blocks shares only the held ones
+    assert list(bm.block_table(3)) == [-1, -1, 2] and bm.num_released_blocks(3) == 2
+    assert bm.ref_count(2) == 3
+    bm.free_prefix_blocks(2, 2)
+    assert bm.num_free_blocks == 7
+    for seq in (1, 2, 3):
+        bm.free(seq)
+    assert bm.num_free_blocks == 8
+
+
+def test_released_cached_blocks_stay_in_the_prefix_cache(make):
+    bm = make(8, BS)
+    prompt = list(range(2 * BS + 1))
+    bm.allocate(1, prompt)
+    compute(bm, 1)
+    head = list(bm.block_table(1))[:2]
+    bm.free_prefix_blocks(1, 2)
+    assert bm.num_evictable_blocks == 2  # registered: cached, no owner, evictable
+    assert bm.allocate(2, prompt) == 2 * BS  # a new request still hits them
+    assert list(bm.block_table(2))[:2] == head
+    assert bm.num_evictable_blocks == 0
+
+
+def test_released_blocks_are_reused_and_never_served_as_a_stale_prefix(make):
+    bm = make(4, BS, enable_prefix_caching=False)
+    bm.allocate(1, list(range(2 * BS + 1)))
+    compute(bm, 1)
+    bm.free_prefix_blocks(1, 2)
+    bm.allocate(2, [9] * (2 * BS))  # takes the two released blocks back
+    assert sorted(bm.block_table(2).tolist()) == [0, 1]
+    assert bm.num_free_blocks == 1
+
+
 def test_allocate_out_of_blocks_raises_and_changes_nothing(make):
     bm = make(2, BS)
     bm.allocate(1, [1])

@@ -1,7 +1,8 @@
 """Property-based test of the KV-cache block manager.
 
 A hypothesis state machine drives random allocate / compute (prepare_step) /
-append / fork / free sequences against the C++ manager and its pure-Python twin
+append / fork / free / free_prefix_blocks (a sliding window moving past computed
+blocks) sequences against the C++ manager and its pure-Python twin
 (the model) and simulates the KV cache itself: every computed position writes,
 into its slot, the token prefix that position's K/V depends on, and pending
 copy-on-write copies are applied before each step. After every step it checks
@@ -9,8 +10,8 @@ copy-on-write copies are applied before each step. After every step it checks
 - each block's reference count equals the number of block-table entries naming
   it (no block is owned by two sequences unless the count says so);
 - free + used = total, and both managers agree on tables, counters and outputs;
-- every computed position of every sequence reads back its own prefix from the
-  simulated cache, so a prefix hit (or a copy-on-write) only ever serves blocks
+- every computed position of every sequence outside its released blocks reads
+  back its own prefix from the simulated cache, so a prefix hit (or a copy-on-write) only ever serves blocks
   whose token ids equal the query's;
 
 and at teardown that freeing every sequence makes every block free again.
@@ -165,6 +166,25 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.tokens[child] = list(self.tokens[parent])
         self.computed[child] = self.computed[parent]
 
+    @precondition(lambda self: any(self.computed[s] >= BS for s in self.tokens))
+    @rule(data=st.data())
+    def free_prefix(self, data):
+        """Release leading computed full blocks, as the engine does when they fall out of
+        a sliding window; a count past the full blocks is a ValueError in both."""
+        seq = data.draw(st.sampled_from(sorted(s for s in self.tokens if self.computed[s] >= BS)))
+        n = data.draw(st.integers(0, self.computed[seq] // BS))
+        before = self.bm.num_released_blocks(seq)
+        released = self.bm.free_prefix_blocks(seq, n)
+        assert released == self.model.free_prefix_blocks(seq, n) == max(0, n - before)
+        assert self.bm.num_released_blocks(seq) == max(before, n)
+        assert (self.bm.block_table(seq)[:n] == -1).all()
+        full = len(self.tokens[seq]) // BS
+        for bad in (-1, full + 1):
+            with pytest.raises(ValueError, match="num_blocks"):
+                self.bm.free_prefix_blocks(seq, bad)
+            with pytest.raises(ValueError, match="num_blocks"):
+                self.model.free_prefix_blocks(seq, bad)
+
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
     def free(self, data):
@@ -181,7 +201,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         owners = [0] * NUM_BLOCKS
         for seq in self.tokens:
             for b in self.bm.block_table(seq).tolist():
-                owners[b] += 1
+                if b != -1:
+                    owners[b] += 1
         assert [self.bm.ref_count(b) for b in range(NUM_BLOCKS)] == owners
         used = sum(1 for n in owners if n > 0)
         assert self.bm.num_free_blocks + used == NUM_BLOCKS
@@ -194,13 +215,17 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert self.bm.block_table(seq).tolist() == self.model.block_table(seq).tolist()
             assert self.bm.token_ids(seq).tolist() == toks
             assert len(self.bm.block_table(seq)) == -(-len(toks) // BS)
+            released = self.bm.num_released_blocks(seq)
+            assert released == self.model.num_released_blocks(seq)
+            assert self.bm.block_table(seq).tolist()[:released] == [-1] * released
+            assert -1 not in self.bm.block_table(seq).tolist()[released:]
         for name in ("num_free_blocks", "num_evictable_blocks", "prefix_queries", "prefix_hits"):
             assert getattr(self.bm, name) == getattr(self.model, name), name
 
     @invariant()
     def computed_positions_read_back_their_prefix(self):
         for seq, toks in self.tokens.items():
-            for pos in range(self.computed[seq]):
+            for pos in range(self.bm.num_released_blocks(seq) * BS, self.computed[seq]):
                 assert self.kv[self._slot(seq, pos)] == tuple(toks[:pos + 1]), (seq, pos)
 
     def teardown(self):

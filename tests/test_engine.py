@@ -216,6 +216,20 @@ def test_n_completions_fork_the_prompt_and_sample_independently(model, tokenizer
     assert_all_blocks_free(llm)
 
 
+def test_requests_that_fork_never_run_more_than_max_num_seqs(model, tokenizer):
+    llm = make_llm(model, tokenizer, max_num_seqs=4)
+    engine = llm.engine
+    ids = tokenizer.encode("Count with me:")
+    for i, n in enumerate((4, 2, 1)):
+        engine.add_request(None, ids, SamplingParams(n=n, temperature=1.0, seed=i, max_tokens=5))
+    most = 0
+    while engine.has_unfinished():
+        engine.step()
+        most = max(most, len(engine.scheduler.running))
+    assert most == 4
+    assert_all_blocks_free(llm)
+
+
 def test_stop_string_spanning_tokens_is_found_and_cut(model, tokenizer):
     llm = make_llm(model, tokenizer)
     params = SamplingParams(temperature=0, max_tokens=20)

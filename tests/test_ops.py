@@ -82,6 +82,20 @@ def test_packed_weight_gives_the_same_linear(rows, bias) -> None:
                  torch.float32)
 
 
+def test_inference_linear_rounds_rows_up_to_few_shapes_and_keeps_the_result() -> None:
+    from llm_engine.ops.matmul import _bucket_rows
+
+    buckets = [_bucket_rows(m) for m in range(1, 8193)]
+    assert buckets[:16] == list(range(1, 17)) and len(set(buckets)) < 100
+    assert all(m <= r <= m + m // 8 for m, r in enumerate(buckets, 1))
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 11, 40), torch.randn(70, 40), torch.randn(70)  # 33 rows -> 36
+    with torch.inference_mode():
+        out = ops.linear(x, w, b)
+    assert out.shape == (3, 11, 70) and out.is_contiguous()
+    assert_close(out, F.linear(x.double(), w.double(), b.double()), torch.float32)
+
+
 @needs_packing
 def test_packed_weight_follows_every_change_to_its_weight() -> None:
     torch.manual_seed(0)

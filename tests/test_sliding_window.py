@@ -156,6 +156,61 @@ def test_paged_prefill_with_a_window(dtype) -> None:
                                                    window=window), ref, dtype, what="reference")
 
 
+def release_before(tables, skipped, block_size):
+    """Tables with the blocks wholly before position ``skipped[i]`` set to -1, as a
+    sliding-window engine releases them (``BlockManager.free_prefix_blocks``)."""
+    out = tables.clone()
+    for i, n in enumerate(skipped):
+        out[i, :max(0, n) // block_size] = -1
+    return out
+
+
+@pytest.mark.parametrize("partition_size", [None, 32])
+def test_paged_decode_never_reads_blocks_released_before_the_window(partition_size) -> None:
+    lens, window, bs, heads, kv_heads, d = [1, 45, 100, 7, 64], 19, 8, 4, 2, 16
+    k_cache, v_cache, tables = paged_setup(lens, bs, kv_heads, d, torch.float32)
+    q = torch.randn(len(lens), heads, d, device=DEVICE)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    # The query at position n - 1 sees keys from n - window on.
+    released = release_before(tables, [n - window for n in lens], bs)
+    assert (released == -1).sum() > (tables == -1).sum()
+    ref = paged_attention_reference(q, k_cache, v_cache, tables, ctx, window=window)
+    out = paged_attention(q, k_cache, v_cache, released, ctx, partition_size=partition_size,
+                          window=window)
+    assert_close(out, ref, torch.float32, what="paged_attention")
+    assert_close(paged_attention_reference(q, k_cache, v_cache, released, ctx, window=window),
+                 ref, torch.float32, what="reference")
+    with torch.inference_mode(), ops.use(paged_attention="cpp"):
+        native = ops.paged_attention(q.cpu(), k_cache.cpu(), v_cache.cpu(), released.cpu(),
+                                     ctx.cpu(), window=window)
+        assert_close(native, ref.cpu(), torch.float32, what="C++ paged decode")
+        # A released entry inside the window is still a clear error.
+        inside = release_before(tables, [n - window + bs for n in lens], bs).cpu()
+        with pytest.raises(ValueError, match=r"block_tables\[1, 3\] = -1"):
+            ops.paged_attention(q.cpu(), k_cache.cpu(), v_cache.cpu(), inside, ctx.cpu(),
+                                window=window)
+
+
+def test_paged_prefill_never_reads_blocks_released_before_the_window() -> None:
+    lens, new, window, bs, heads, kv_heads, d = [40, 23, 30], [17, 5, 1], 9, 4, 4, 2, 16
+    k_cache, v_cache, tables = paged_setup(lens, bs, kv_heads, d, torch.float32)
+    q = torch.randn(sum(new), heads, d, device=DEVICE)
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32,
+                      device=DEVICE)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    # The first new query, at position n - m, sees keys from n - m - window + 1 on.
+    released = release_before(tables, [n - m - window + 1 for n, m in zip(lens, new,
+                                                                           strict=True)], bs)
+    assert (released == -1).sum() > (tables == -1).sum()
+    ref = paged_prefill_attention_reference(q, k_cache, v_cache, tables, cu, ctx, max(new),
+                                            window=window)
+    out = paged_prefill_attention(q, k_cache, v_cache, released, cu, ctx, max(new), window=window)
+    assert_close(out, ref, torch.float32, what="paged_prefill_attention")
+    assert_close(paged_prefill_attention_reference(q, k_cache, v_cache, released, cu, ctx,
+                                                   max(new), window=window),
+                 ref, torch.float32, what="reference")
+
+
 @pytest.mark.parametrize("window", [0, -3, 2.5, True])
 def test_bad_window_is_a_clear_error(window) -> None:
     q, k, v, cu = packed([4], 2, 2, 32, torch.float32)

@@ -9,6 +9,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -107,6 +108,17 @@ void expect_threads(int num_threads) {
   if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
 }
 
+// Every slot_mapping entry a cache slot in [0, num_slots) or -1 (skip).
+void expect_slots(const int64_t* slots, int64_t n, int64_t num_slots) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (slots[i] < -1 || slots[i] >= num_slots) {
+      throw py::value_error("slot_mapping[" + std::to_string(i) + "] = " +
+                            std::to_string(slots[i]) + " is not a cache slot in [0, " +
+                            std::to_string(num_slots) + ") nor -1 (skip)");
+    }
+  }
+}
+
 void decode(const py::handle& out_obj, const py::handle& q_obj, const py::handle& k_obj,
             const py::handle& v_obj, const py::handle& tables_obj, const py::handle& lens_obj,
             float scale, int num_threads, int64_t window) {
@@ -134,7 +146,7 @@ void decode(const py::handle& out_obj, const py::handle& q_obj, const py::handle
   expect_writeable(out, "out");
   expect_threads(num_threads);
   if (window < 0) throw py::value_error("window must be >= 0 (0: no sliding window)");
-  check_decode_inputs(tables.data(), lens.data(), s);  // std::invalid_argument -> ValueError
+  check_decode_inputs(tables.data(), lens.data(), s, window);  // invalid_argument -> ValueError
   float* out_data = out.mutable_data();
   py::gil_scoped_release release;
   paged_decode_attention(out_data, q.data(), k.data(), v.data(), tables.data(), lens.data(), s,
@@ -234,15 +246,8 @@ void store_kv_py(const py::handle& k_cache_obj, const py::handle& v_cache_obj,
   }
   expect_writeable(k_cache, "k_cache");
   expect_writeable(v_cache, "v_cache");
-  const int64_t num_slots = k_cache.shape(0) * k_cache.shape(1);
   const int64_t* s = slots.data();
-  for (int64_t i = 0; i < slots.shape(0); ++i) {
-    if (s[i] < -1 || s[i] >= num_slots) {
-      throw py::value_error("slot_mapping[" + std::to_string(i) + "] = " + std::to_string(s[i]) +
-                            " is not a cache slot in [0, " + std::to_string(num_slots) +
-                            ") nor -1 (skip)");
-    }
-  }
+  expect_slots(s, slots.shape(0), k_cache.shape(0) * k_cache.shape(1));
   float* k_data = k_cache.mutable_data();
   float* v_data = v_cache.mutable_data();
   py::gil_scoped_release release;
@@ -408,18 +413,17 @@ class DecoderStack {
     expect_writeable(x, "x");
     expect_writeable(residual, "residual_out");
     expect_threads(num_threads);
-    const int64_t num_slots = dims_.num_blocks * dims_.block_size;
     const int64_t* s = slots.data();
-    for (int64_t i = 0; i < tokens; ++i) {
-      if (s[i] < -1 || s[i] >= num_slots) {
-        throw py::value_error("slot_mapping[" + std::to_string(i) + "] = " + std::to_string(s[i]) +
-                              " is not a cache slot in [0, " + std::to_string(num_slots) +
-                              ") nor -1 (skip)");
-      }
-    }
+    expect_slots(s, tokens, dims_.num_blocks * dims_.block_size);
     const DecodeShape shape{tokens, dims_.heads, dims_.kv_heads, dims_.head_dim,
                             dims_.num_blocks, dims_.block_size, tables.shape(1)};
-    check_decode_inputs(tables.data(), lens.data(), shape);  // std::invalid_argument -> ValueError
+    // The blocks some layer reads: from the widest window on (0: a layer reads them all),
+    // so blocks released before every layer's window may be -1.
+    int64_t widest = layers_.front().window;
+    for (const auto& layer : layers_) {
+      widest = layer.window == 0 || widest == 0 ? 0 : std::max(widest, layer.window);
+    }
+    check_decode_inputs(tables.data(), lens.data(), shape, widest);  // invalid_argument -> ValueError
     float* x_data = x.mutable_data();
     float* r_data = residual.mutable_data();
     py::gil_scoped_release release;

@@ -126,7 +126,7 @@ constexpr int64_t kMinWork = 1024;
 }  // namespace
 
 void check_decode_inputs(const int32_t* block_tables, const int32_t* context_lens,
-                         const DecodeShape& s) {
+                         const DecodeShape& s, int64_t window) {
   const int64_t capacity = s.max_blocks * s.block_size;
   for (int64_t seq = 0; seq < s.num_seqs; ++seq) {
     const int64_t len = context_lens[seq];
@@ -136,7 +136,8 @@ void check_decode_inputs(const int32_t* block_tables, const int32_t* context_len
                                   std::to_string(capacity) + "]");
     }
     const int64_t used = (len + s.block_size - 1) / s.block_size;
-    for (int64_t b = 0; b < used; ++b) {
+    const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) / s.block_size : 0;
+    for (int64_t b = first; b < used; ++b) {
       const int64_t block = block_tables[seq * s.max_blocks + b];
       if (block < 0 || block >= s.num_blocks) {
         throw std::invalid_argument("block_tables[" + std::to_string(seq) + ", " +

@@ -27,17 +27,20 @@ struct DecodeShape {
 // out, q: (num_seqs, heads, head_dim); k_cache, v_cache: (num_blocks, block_size,
 // kv_heads, head_dim); block_tables: (num_seqs, max_blocks); context_lens: (num_seqs,).
 // All C-contiguous. The caller has checked every context length and every block id
-// that a context reaches (check_decode_inputs). A sequence with context length 0 gets
-// zeros. Runs on up to num_threads threads (the calling thread included). window > 0:
-// each query attends only to the last `window` positions of its context (a sliding
-// window); 0: to all of them.
+// that the kernel reads (check_decode_inputs with the same window). A sequence with
+// context length 0 gets zeros. Runs on up to num_threads threads (the calling thread
+// included). window > 0: each query attends only to the last `window` positions of its
+// context (a sliding window); 0: to all of them.
 void paged_decode_attention(float* out, const float* q, const float* k_cache,
                             const float* v_cache, const int32_t* block_tables,
                             const int32_t* context_lens, const DecodeShape& shape, float scale,
                             int num_threads, int64_t window = 0);
 
-// Throws std::invalid_argument naming the first bad context length or block id.
+// Throws std::invalid_argument naming the first bad context length or block id. Only
+// the blocks the kernel reads are checked: with window > 0, those holding the last
+// `window` positions of each context (entries before them, e.g. blocks a sliding-window
+// engine released as -1, are never read).
 void check_decode_inputs(const int32_t* block_tables, const int32_t* context_lens,
-                         const DecodeShape& shape);
+                         const DecodeShape& shape, int64_t window = 0);
 
 }  // namespace llm_engine

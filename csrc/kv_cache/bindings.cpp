@@ -211,6 +211,16 @@ out-of-range positions, duplicate ids in a batch; ``OutOfBlocksError`` (a
            "The child shares all the parent's blocks (reference counted) and copies its tokens.")
       .def("free", &BlockManager::free, py::arg("seq_id"),
            "Release the sequence's blocks; registered blocks stay cached until evicted.")
+      .def("free_prefix_blocks", &BlockManager::free_prefix_blocks, py::arg("seq_id"),
+           py::arg("num_blocks"),
+           "Release the sequence's first num_blocks blocks (sliding-window attention: they\n"
+           "lie before every future query's window). Their block-table entries become -1, so\n"
+           "logical block i still covers positions [i * block_size, (i + 1) * block_size);\n"
+           "a shared block only loses this sequence's reference, a cached one stays in the\n"
+           "prefix cache's LRU. num_blocks must lie in [0, num_tokens // block_size] (full\n"
+           "blocks only; ValueError otherwise). Returns how many blocks were released now.")
+      .def("num_released_blocks", &BlockManager::num_released_blocks, py::arg("seq_id"),
+           "Leading blocks of the sequence released by free_prefix_blocks (-1 in its table).")
       .def(
           "block_table",
           [](const BlockManager& bm, int64_t seq_id) { return view_of(bm.block_table(seq_id)); },
@@ -261,7 +271,9 @@ each (distinct) seq_ids[i]: a prefill chunk, or one decode token (end - 1, end).
 Returns ``(slot_mapping, block_tables, context_lens)``:
   slot_mapping  int64 (sum(ends - starts),)  slot of each computed position, in batch order
   block_tables  int32 (len(seq_ids), max_blocks)  padded with -1; max_blocks defaults
-                to ceil(max(ends) / block_size), a larger fixed width may be passed
+                to ceil(max(ends) / block_size), a larger fixed width may be passed;
+                blocks released by free_prefix_blocks are -1 (a computed position
+                may not lie in one: ValueError)
   context_lens  int32 (len(seq_ids),)  = ends
 Full blocks completed by this step are registered for prefix caching (their K/V
 is written in this step's forward, before any later request can hit them).

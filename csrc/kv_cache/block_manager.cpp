@@ -319,7 +319,9 @@ void BlockManager::fork(int64_t parent_id, int64_t child_id) {
   }
   Sequence child = parent;
   child.stamp = 0;
-  for (int32_t b : child.blocks) ++ref_counts_[static_cast<size_t>(b)];
+  for (int32_t b : child.blocks) {
+    if (b != kReleasedBlock) ++ref_counts_[static_cast<size_t>(b)];
+  }
   seqs_.emplace(child_id, std::move(child));
 }
 
@@ -329,8 +331,28 @@ void BlockManager::free(int64_t seq_id) {
     throw UnknownSequenceError("free: unknown " + seq_str(seq_id) + " (never allocated or already freed)");
   }
   const SharedVector<int32_t>& blocks = it->second.blocks;
-  for (auto b = blocks.rbegin(); b != blocks.rend(); ++b) release_block(*b);
+  for (auto b = blocks.rbegin(); b != blocks.rend(); ++b) {
+    if (*b != kReleasedBlock) release_block(*b);
+  }
   seqs_.erase(it);
+}
+
+int64_t BlockManager::free_prefix_blocks(int64_t seq_id, int64_t num_blocks) {
+  Sequence& seq = get(seq_id);
+  const int64_t full = static_cast<int64_t>(seq.tokens.size()) / block_size_;
+  if (num_blocks < 0 || num_blocks > full) {
+    throw std::invalid_argument("free_prefix_blocks: num_blocks = " + std::to_string(num_blocks) +
+                                " must lie in [0, " + std::to_string(full) + "], the full blocks of " +
+                                seq_str(seq_id));
+  }
+  const int64_t start = seq.released;
+  for (int64_t i = num_blocks - 1; i >= start; --i) {
+    int32_t& b = seq.blocks[static_cast<size_t>(i)];
+    release_block(b);
+    b = kReleasedBlock;
+  }
+  seq.released = std::max(start, num_blocks);
+  return std::max<int64_t>(0, num_blocks - start);
 }
 
 const SharedVector<int32_t>& BlockManager::block_table(int64_t seq_id) const {
@@ -367,6 +389,11 @@ StepPlan BlockManager::plan_step(const int64_t* seq_ids, const int64_t* starts,
       throw std::invalid_argument("prepare_step: positions [" + std::to_string(starts[i]) + ", " +
                                   std::to_string(ends[i]) + ") of " + seq_str(seq_ids[i]) +
                                   " are not within its " + std::to_string(len) + " tokens");
+    }
+    if (starts[i] < ends[i] && starts[i] < seq.released * block_size_) {
+      throw std::invalid_argument("prepare_step: position " + std::to_string(starts[i]) + " of " +
+                                  seq_str(seq_ids[i]) + " lies in one of its " +
+                                  std::to_string(seq.released) + " released blocks");
     }
     plan.num_tokens += ends[i] - starts[i];
     plan.max_blocks = std::max(plan.max_blocks, ceil_div(ends[i], block_size_));
@@ -408,6 +435,7 @@ void BlockManager::register_full_blocks(Sequence& seq, int64_t computed_tokens) 
     const uint64_t h = hash_block(seq.chain_hash, tokens);
     seq.chain_hash = h;
     const int32_t b = seq.blocks[static_cast<size_t>(i)];
+    if (b == kReleasedBlock) continue;  // its K/V may already be reused: never register it
     const auto ub = static_cast<size_t>(b);
     // A block already registered keeps its entry; a hash already taken by an
     // identical block (or a colliding one) leaves this block unregistered.

@@ -21,6 +21,15 @@
 // an LRU list of evictable blocks and is either revived by a later hit or
 // evicted (least recently used first, O(1)) when a fresh block is needed.
 //
+// Sliding window: with attention over the last W positions only, a block that
+// lies wholly before every future query's window is never read again.
+// `free_prefix_blocks` releases a sequence's leading full blocks; their entries
+// in its block table become kReleasedBlock (-1), so logical block i still holds
+// positions [i * block_size, (i + 1) * block_size). The sequence keeps its token
+// ids (prefix hashes chain over them) and may not compute a position in a
+// released block again; attention kernels skip the released entries because
+// they lie outside the window.
+//
 // Errors (every argument is checked; a failed call leaves the manager unchanged)
 // - UnknownSequenceError: a sequence id that is not allocated (also a double free).
 // - std::invalid_argument: bad sizes, negative token ids, an id already in use,
@@ -39,6 +48,9 @@
 #include <vector>
 
 namespace llm_engine {
+
+// Block-table entry of a block released by free_prefix_blocks.
+constexpr int32_t kReleasedBlock = -1;
 
 class UnknownSequenceError : public std::out_of_range {
  public:
@@ -167,6 +179,15 @@ class BlockManager {
   // Releases the sequence's blocks (the last block first, so a cached prompt's
   // head stays in the LRU longest).
   void free(int64_t seq_id);
+  // Releases the sequence's first num_blocks blocks that it still holds (the last
+  // of them first) and marks them kReleasedBlock in its table; a shared block only
+  // loses this sequence's reference, a registered one stays cached in the LRU.
+  // num_blocks must lie in [0, num_tokens / block_size]: only full blocks go, never
+  // the block the next token is written to. Returns how many blocks this call
+  // released (0 when they were released already).
+  int64_t free_prefix_blocks(int64_t seq_id, int64_t num_blocks);
+  // Leading blocks of the sequence released by free_prefix_blocks.
+  int64_t num_released_blocks(int64_t seq_id) const { return get(seq_id).released; }
 
   // The sequence's block ids / token ids. Views taken with share() stay valid
   // memory after the sequence changes or is freed (see SharedVector).
@@ -182,10 +203,12 @@ class BlockManager {
   size_t num_pending_copies() const { return pending_copies_.size(); }
 
   // A step computes positions [starts[i], ends[i]) of seq_ids[i] (a prefill chunk
-  // or one decode token; ids distinct, 0 <= start <= end <= num_tokens).
+  // or one decode token; ids distinct, 0 <= start <= end <= num_tokens, and no
+  // computed position in a released block).
   // plan_step checks the batch and returns the output sizes; fill_step writes
   //   slot_mapping[num_tokens] (int64, the slot of each computed position, in order),
-  //   block_tables[n, max_blocks] (int32, padded with -1; max_blocks >= plan's),
+  //   block_tables[n, max_blocks] (int32, padded with -1; max_blocks >= plan's;
+  //     released blocks are kReleasedBlock),
   //   context_lens[n] (int32, = ends[i]),
   // and registers the full blocks that this step completes for prefix caching.
   StepPlan plan_step(const int64_t* seq_ids, const int64_t* starts, const int64_t* ends,
@@ -217,6 +240,7 @@ class BlockManager {
     SharedVector<int32_t> tokens;
     uint64_t chain_hash = 0;  // hash of block num_hashed - 1 (seed when 0)
     int64_t num_hashed = 0;   // leading full blocks folded into chain_hash
+    int64_t released = 0;     // leading blocks released (kReleasedBlock in blocks)
     // Id of the last batched call that saw this sequence (duplicate detection
     // only; not part of the manager's observable state).
     mutable uint64_t stamp = 0;

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 _ROOT_HASH = 0
+RELEASED_BLOCK = -1  # block-table entry of a block released by free_prefix_blocks
 
 
 class UnknownSequenceError(KeyError):
@@ -27,14 +28,15 @@ class OutOfBlocksError(RuntimeError):
 
 
 class _Seq:
-    __slots__ = ("blocks", "tokens", "chain_hash", "num_hashed")
+    __slots__ = ("blocks", "tokens", "chain_hash", "num_hashed", "released")
 
     def __init__(self, blocks: list[int], tokens: list[int], chain_hash: int,
-                 num_hashed: int) -> None:
+                 num_hashed: int, released: int = 0) -> None:
         self.blocks = blocks
         self.tokens = tokens
         self.chain_hash = chain_hash
         self.num_hashed = num_hashed
+        self.released = released
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -236,16 +238,34 @@ class PyBlockManager:
         if child_id in self._seqs:
             raise ValueError(f"fork: child sequence id {child_id} is already allocated")
         for b in parent.blocks:
-            self._ref[b] += 1
+            if b != RELEASED_BLOCK:
+                self._ref[b] += 1
         self._seqs[child_id] = _Seq(list(parent.blocks), list(parent.tokens),
-                                    parent.chain_hash, parent.num_hashed)
+                                    parent.chain_hash, parent.num_hashed, parent.released)
 
     def free(self, seq_id: int) -> None:
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             raise UnknownSequenceError(f"free: unknown sequence id {seq_id}")
         for b in reversed(seq.blocks):
-            self._release_block(b)
+            if b != RELEASED_BLOCK:
+                self._release_block(b)
+
+    def free_prefix_blocks(self, seq_id: int, num_blocks: int) -> int:
+        seq = self._get(seq_id)
+        full = len(seq.tokens) // self.block_size
+        if not 0 <= num_blocks <= full:
+            raise ValueError(f"free_prefix_blocks: num_blocks = {num_blocks} must lie in "
+                             f"[0, {full}], the full blocks of sequence id {seq_id}")
+        start = seq.released
+        for i in range(num_blocks - 1, start - 1, -1):
+            self._release_block(seq.blocks[i])
+            seq.blocks[i] = RELEASED_BLOCK
+        seq.released = max(start, num_blocks)
+        return max(0, num_blocks - start)
+
+    def num_released_blocks(self, seq_id: int) -> int:
+        return self._get(seq_id).released
 
     def block_table(self, seq_id: int) -> np.ndarray:
         return np.array(self._get(seq_id).blocks, dtype=np.int32)
@@ -271,7 +291,7 @@ class PyBlockManager:
             h = hash((seq.chain_hash, key))
             seq.chain_hash = h
             b = seq.blocks[i]
-            if b not in self._block_hash and h not in self._cached:
+            if b != RELEASED_BLOCK and b not in self._block_hash and h not in self._cached:
                 self._cached[h] = b
                 self._block_hash[b] = h
                 self._block_tokens[b] = key
@@ -289,6 +309,8 @@ class PyBlockManager:
         for seq, start, end in zip(seqs, starts, ends, strict=True):
             if not 0 <= start <= end <= len(seq.tokens):
                 raise ValueError(f"prepare_step: positions [{start}, {end}) out of range")
+            if start < end and start < seq.released * bs:
+                raise ValueError(f"prepare_step: position {start} lies in a released block")
             need = max(need, _ceil_div(end, bs))
         width = need if max_blocks is None else max_blocks
         if width < need:

@@ -18,7 +18,14 @@ streamed chunks) percentiles in milliseconds.
 
 Peer: llama.cpp's OpenAI-compatible server (``python -m llama_cpp.server`` from
 ``llama-cpp-python[server]``) on the very same GGUF file, when it is installed;
-ours and its cases take turns. Its server runs one request at a time.
+ours and its cases take turns. Both servers get the same thread count and the same
+context length (``--n_ctx`` there, ``--max-model-len`` here). llama-cpp-python's server
+has one llama.cpp context and serves one request at a time (it has no parallel slots,
+unlike llama.cpp's C++ ``llama-server``), so concurrent requests queue behind its
+lock; it runs with ``--interrupt_requests False`` (by default a waiting request cuts
+the stream in progress short) and its requests carry a ``logit_bias`` of -100 on the
+tokenizer's special tokens, so that, like ours with ``ignore_eos``, it always
+generates ``max_tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +51,11 @@ from llm_engine.bench.common import OURS, Ceilings, Row
 SUITE = "serve"
 PEER = "llama.cpp"
 PEER_INSTALL = "pip install 'llama-cpp-python[server]'"
+_PEER_MODULES = ("llama_cpp", "fastapi", "uvicorn", "sse_starlette", "starlette_context",
+                 "pydantic_settings")
+"""What ``python -m llama_cpp.server`` imports beyond the base package."""
+CONTEXT_LEN = 2048
+"""Tokens of context on both servers (requests use well under it)."""
 _WORDS = ("time", "person", "year", "way", "day", "thing", "man", "world", "life", "hand", "part",
           "child", "eye", "woman", "place", "work", "week", "case", "point", "government",
           "company", "number", "group", "problem", "fact", "river", "light", "music", "story",
@@ -62,7 +75,7 @@ class _Sizes:
 def _sizes(quick: bool) -> _Sizes:
     if quick:
         return _Sizes((1, 4), (2.0,), 4, 16, 8)
-    return _Sizes((1, 4, 16), (1.0, 4.0), 12, 48, 32)
+    return _Sizes((1, 4, 16), (2.0,), 12, 32, 32)
 
 
 def _requests_for(concurrency: int) -> int:
@@ -83,11 +96,20 @@ class _Server:
     """A server subprocess on a free loopback port, up once ``/health`` (or
     ``/v1/models``) answers."""
 
-    def __init__(self, name: str, argv: list[str], model: str, port: int) -> None:
+    def __init__(self, name: str, argv: list[str], model: str, port: int,
+                 env: dict[str, str] | None = None, extra: dict | None = None) -> None:
         self.name = name
         self.model = model
+        self.extra = extra or {}  # fields added to every request body
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # A file, not a pipe: a pipe nobody reads could fill up and block the server.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop)
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    def log_tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-800:]
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         import httpx
@@ -95,8 +117,7 @@ class _Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace")[-800:]
-                raise RuntimeError(f"{self.name} server exited: {err}")
+                raise RuntimeError(f"{self.name} server exited: {self.log_tail()}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
                     return
@@ -111,6 +132,7 @@ class _Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
 
 
 def _free_port() -> int:
@@ -124,11 +146,9 @@ def _prompts(count: int, words: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(_WORDS) for _ in range(words)) for _ in range(count)]
 
 
-async def _one(http, server: _Server, prompt: str, max_tokens: int, ours: bool) -> _Result:
+async def _one(http, server: _Server, prompt: str, max_tokens: int) -> _Result:
     body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens,
-            "temperature": 0.0, "stream": True}
-    if ours:
-        body["ignore_eos"] = True
+            "temperature": 0.0, "stream": True, **server.extra}
     start = time.perf_counter()
     last, first, pieces, gaps = start, None, [], []
     try:
@@ -156,7 +176,7 @@ async def _one(http, server: _Server, prompt: str, max_tokens: int, ours: bool) 
     return _Result(True, first - start, last - start, "".join(pieces), tuple(gaps))
 
 
-async def _run_case(server: _Server, prompts: list[str], max_tokens: int, ours: bool,
+async def _run_case(server: _Server, prompts: list[str], max_tokens: int,
                     concurrency: int | None, rate: float | None, seed: int
                     ) -> tuple[list[_Result], float]:
     import httpx
@@ -170,14 +190,14 @@ async def _run_case(server: _Server, prompts: list[str], max_tokens: int, ours: 
 
             async def client() -> None:
                 while queue:
-                    results.append(await _one(http, server, queue.pop(), max_tokens, ours))
+                    results.append(await _one(http, server, queue.pop(), max_tokens))
 
             await asyncio.gather(*(client() for _ in range(concurrency)))
         else:
             rng = np.random.default_rng(seed)
             tasks = []
             for p in prompts:
-                tasks.append(asyncio.create_task(_one(http, server, p, max_tokens, ours)))
+                tasks.append(asyncio.create_task(_one(http, server, p, max_tokens)))
                 await asyncio.sleep(float(rng.exponential(1.0 / rate)))
             results = list(await asyncio.gather(*tasks))
         return results, time.perf_counter() - start
@@ -223,30 +243,59 @@ def _gguf_path() -> str:
     return _known_model_file(next(iter(KNOWN_MODELS)))
 
 
+def _peer_missing() -> list[str]:
+    """The modules llama.cpp's server needs that are not installed."""
+    return [m for m in _PEER_MODULES if importlib.util.find_spec(m) is None]
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+
+
+def _start_peer(tokenizer, threads: int) -> _Server:
+    """llama-cpp-python's server on the SmolLM2 GGUF (see the module docstring)."""
+    path = _gguf_path()
+    port = _free_port()
+    special = sorted(i for i, t in tokenizer.hf.get_added_tokens_decoder().items() if t.special)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in special:
+        special.append(tokenizer.eos_token_id)
+    config = {"n_ctx": CONTEXT_LEN, "n_threads": threads, "n_threads_batch": threads,
+              "n_batch": 512, "interrupt_requests": False}
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1",
+            "--port", str(port), "--verbose", "False"]
+    for name, value in config.items():
+        argv += [f"--{name}", str(value)]
+    return _Server(PEER, argv, path, port,
+                   extra={"logit_bias": {str(i): -100.0 for i in special}},
+                   env={"OMP_NUM_THREADS": str(threads)})
+
+
 def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
     from llm_engine.loader import load_model
 
     sizes = _sizes(quick)
     tokenizer = load_model("smollm2", device="cpu")[1]
+    threads = _threads()
     servers: list[_Server] = []
     try:
+        port = _free_port()
         ours = _Server(OURS, [sys.executable, "-m", "llm_engine.cli", "serve", "--model",
-                              "smollm2", "--port", str(port := _free_port()), "--device",
-                              device, "--log-level", "warning", "--max-waiting", "1024"],
-                       "smollm2", port)
+                              "smollm2", "--port", str(port), "--device", device,
+                              "--log-level", "warning", "--max-waiting", "1024",
+                              "--max-model-len", str(CONTEXT_LEN)],
+                       "smollm2", port, env={"OMP_NUM_THREADS": str(threads)},
+                       extra={"ignore_eos": True})
         servers.append(ours)
         peer = None
         peer_note = ""
-        if importlib.util.find_spec("llama_cpp") is not None and \
-                importlib.util.find_spec("llama_cpp.server") is not None:
-            port = _free_port()
-            peer = _Server(PEER, [sys.executable, "-m", "llama_cpp.server", "--model", _gguf_path(),
-                                  "--port", str(port), "--host", "127.0.0.1", "--n_ctx", "2048",
-                                  "--n_threads", str(os.cpu_count() or 1)],
-                           _gguf_path(), port)
+        missing = _peer_missing()
+        if not missing:
+            peer = _start_peer(tokenizer, threads)
             servers.append(peer)
         else:
-            peer_note = f"llama.cpp peer not run: llama_cpp.server is not installed ({PEER_INSTALL})"
+            peer_note = (f"llama.cpp peer not run: {', '.join(missing)} not installed "
+                         f"({PEER_INSTALL})")
         ours.wait_ready()
         if peer is not None:
             try:
@@ -254,6 +303,7 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
             except RuntimeError as e:
                 peer_note, peer = f"llama.cpp peer not run: {e}", None
         if peer_note:
+            print(peer_note, file=sys.stderr)
             yield Row(suite=SUITE, case="(peer)", impl=PEER, metric="tok/s", value=None,
                       note=peer_note)
         cases = [(f"concurrency={c}", {"concurrency": c}, c, None, _requests_for(c))
@@ -263,15 +313,18 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings) -> Iterator[Row]:
         active = (ours, peer) if peer is not None else (ours,)
         for server in active:  # warm-up: first requests pay for one-time setup
             asyncio.run(_run_case(server, _prompts(2, sizes.prompt_words, seed=-1),
-                                  sizes.max_tokens, server is ours, 2, None, 0))
+                                  sizes.max_tokens, 2, None, 0))
+        shared = {"max_tokens": sizes.max_tokens, "prompt_words": sizes.prompt_words,
+                  "threads": threads, "context": CONTEXT_LEN}
         for i, (case, params, concurrency, rate, count) in enumerate(cases):
             prompts = _prompts(count, sizes.prompt_words, seed=i)
             for server in active:
                 results, wall = asyncio.run(_run_case(server, prompts, sizes.max_tokens,
-                                                      server is ours, concurrency, rate, seed=i))
-                yield _row(server.name, case, {**params, "max_tokens": sizes.max_tokens,
-                                               "prompt_words": sizes.prompt_words},
-                           results, wall, tokenizer)
+                                                      concurrency, rate, seed=i))
+                row = _row(server.name, case, {**params, **shared}, results, wall, tokenizer)
+                if server is peer:
+                    row.note += "; one request at a time (llama-cpp-python server)"
+                yield row
     finally:
         for server in servers:
             server.stop()

@@ -91,9 +91,11 @@ class Engine:
                                 num_blocks=num_kv_blocks(model, config, self.max_model_len),
                                 enable_prefix_caching=config.enable_prefix_caching)
         self.block_manager = self.kv_cache.manager
+        windows = [c.layer_window(i) for i in range(c.num_layers)]
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens,
-                                   StopChecker(tokenizer.eos_token_id, self.max_model_len))
+                                   StopChecker(tokenizer.eos_token_id, self.max_model_len),
+                                   kv_window=None if None in windows else max(windows))
         self.runner = ModelRunner(model, self.kv_cache, config.max_num_seqs, self.max_model_len,
                                   use_cuda_graphs=not config.enforce_eager)
         self.sampler = Sampler()

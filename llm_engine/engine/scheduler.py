@@ -14,6 +14,19 @@ back to the front of the queue, to be recomputed (prompt and generated tokens)
 when admitted again. A request that cannot fit even alone is refused when it is
 added, so the engine never deadlocks.
 
+Sliding window: when every layer of the model attends only to the last
+``kv_window`` positions, a query at position ``p`` reads keys ``p - kv_window < j
+<= p``. Once a sequence has computed ``c`` tokens its next query is at ``c``, so
+the blocks wholly before position ``c - kv_window + 1`` are never read again:
+after each step they go back to the pool (``BlockManager.free_prefix_blocks``,
+as vLLM's sliding-window manager swaps them for a null block). Their block-table
+entries become -1, so the tables keep their logical indexing; every attention
+path starts reading at the window, so it never loads a released entry. A long
+generation then holds about ``ceil(kv_window / block_size) + 1`` blocks. Forks
+share only the blocks still held, a shared block only loses one reference, and
+a released block of the prefix cache stays cached until evicted. A preempted
+sequence frees what it holds and is recomputed from its first token.
+
 The scheduler owns every change of a sequence's state: it admits, preempts,
 records computed tokens, forks ``n > 1`` requests, appends sampled tokens
 (asking the :class:`~llm_engine.engine.stop_checker.StopChecker` whether the
@@ -58,8 +71,11 @@ class Scheduler:
     """Admission, chunked prefill and preemption over one block manager."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, stop_checker: StopChecker) -> None:
+                 max_num_batched_tokens: int, stop_checker: StopChecker,
+                 kv_window: int | None = None) -> None:
         self.block_manager = block_manager
+        # Every layer's sliding window (None: some layer sees all tokens, release nothing).
+        self.kv_window = kv_window
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.stop_checker = stop_checker
@@ -110,6 +126,8 @@ class Scheduler:
         for seq, end, sample in zip(batch.seqs, batch.ends.tolist(), batch.sample.tolist(),
                                     strict=True):
             seq.num_computed_tokens = end
+            if self.kv_window is not None:
+                self._release_out_of_window(seq)
             if not sample:
                 continue
             rows.append(row)
@@ -126,6 +144,15 @@ class Scheduler:
                     seqs.append(child)
             row += 1
         return rows, seqs
+
+    def _release_out_of_window(self, seq: Sequence) -> None:
+        """Release the blocks that lie wholly before the window of ``seq``'s next query
+        (position ``num_computed_tokens``; it reads keys from ``num_computed_tokens -
+        kv_window + 1`` on)."""
+        skipped = seq.num_computed_tokens - self.kv_window + 1
+        if skipped >= self.block_manager.block_size:
+            self.block_manager.free_prefix_blocks(seq.seq_id,
+                                                  skipped // self.block_manager.block_size)
 
     def append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None,
                now: float) -> None:
@@ -156,11 +183,13 @@ class Scheduler:
                 items.append((seq, seq.num_computed_tokens, seq.num_computed_tokens + take))
                 budget -= take
 
-        # 3. Admit waiting sequences while tokens, sequence slots and blocks allow.
+        # 3. Admit waiting sequences while tokens, sequence slots and blocks allow. A
+        # request not forked yet holds the slots of all n of its sequences.
+        occupied = sum(self._slots(seq) for seq in self.running) if self.waiting else 0
         while self.waiting and budget > 0 and not victims:
             seq = self.waiting[0]
-            slots = 1 if seq.request.forked else seq.params.n
-            if self.running and len(self.running) + slots > self.max_num_seqs:
+            slots = self._slots(seq)
+            if self.running and occupied + slots > self.max_num_seqs:
                 break
             if not self.block_manager.can_allocate_tokens(seq.token_ids):
                 break
@@ -172,6 +201,7 @@ class Scheduler:
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.num_cached_tokens = cached
             self.running.append(seq)
+            occupied += slots
             take = min(seq.num_tokens - cached, budget)
             items.append((seq, cached, cached + take))
             budget -= take
@@ -191,6 +221,11 @@ class Scheduler:
             sample=ends == totals,
             copies=self.block_manager.take_pending_copies(),
         )
+
+    @staticmethod
+    def _slots(seq: Sequence) -> int:
+        """The sequence slots ``seq`` takes: its request's ``n`` until the fork."""
+        return 1 if seq.request.forked else seq.params.n
 
     def _reserve_decode_slots(self) -> list[Sequence]:
         """Give the block manager the newest token of every decoding sequence (the token

@@ -119,13 +119,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return LINEAR.pick(x, weight, bias, packed)(x, weight, bias, packed)
 
 
+def _bucket_rows(rows: int) -> int:
+    """``rows`` rounded up to one of 8 steps per power of two (exact up to 16): at most
+    1/8 more rows, and 88 row counts up to 8192. oneDNN keeps a primitive for each
+    shape it meets (in two caches of up to 1024 each), so an engine whose batches take
+    every row count from 1 to thousands would otherwise grow its memory with each new
+    batch size until those caches are full."""
+    if rows <= 16:
+        return rows
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
 def _linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    packed: PackedWeight | None = None) -> torch.Tensor:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _OneDNNLinear.apply(x, weight, bias)
     if packed is not None:
         weight = packed.get(weight)
-    return _onednn_mm(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    rows = _bucket_rows(x2.shape[0])
+    if rows == x2.shape[0]:
+        return _onednn_mm(x, weight, bias)
+    padded = x2.new_empty((rows, x2.shape[1]))
+    padded[:x2.shape[0]] = x2
+    padded[x2.shape[0]:] = 0
+    return _onednn_mm(padded, weight, bias)[:x2.shape[0]].view(*x.shape[:-1], -1)
 
 
 def _linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -304,8 +304,11 @@ class AsyncEngine:
             return
         stats = self.engine.stats()
         scheduler = self.engine.scheduler
-        m.running.set(len(scheduler.running))
-        m.waiting.set(len(scheduler.waiting) + self._pending_adds)
+        running = len({id(seq.request) for seq in scheduler.running})
+        m.running.set(running)
+        m.waiting.set(len(self.engine.requests) - running + self._pending_adds)
+        m.running_seqs.set(len(scheduler.running))
+        m.waiting_seqs.set(len(scheduler.waiting))
         m.kv_usage.set(stats.kv_usage)
         m.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
         if stats.num_preemptions > self._preemptions_seen:

@@ -42,10 +42,17 @@ class ServerMetrics:
             PREFIX + "e2e_request_latency_seconds", "Seconds from arrival to the last token",
             buckets=_E2E_BUCKETS, registry=r)
         self.running = Gauge(
-            PREFIX + "num_requests_running", "Sequences holding KV blocks (running)", registry=r)
+            PREFIX + "num_requests_running",
+            "Requests with a sequence running (holding KV blocks)", registry=r)
         self.waiting = Gauge(
-            PREFIX + "num_requests_waiting", "Sequences and requests queued, not running",
-            registry=r)
+            PREFIX + "num_requests_waiting",
+            "Requests accepted and unfinished with no sequence running", registry=r)
+        self.running_seqs = Gauge(
+            PREFIX + "num_sequences_running",
+            "Sequences running (a request with n=4 has up to 4)", registry=r)
+        self.waiting_seqs = Gauge(
+            PREFIX + "num_sequences_waiting",
+            "Sequences in the scheduler's waiting queue (new or preempted)", registry=r)
         self.kv_usage = Gauge(
             PREFIX + "kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r)
         self.prefix_hit_rate = Gauge(

@@ -38,8 +38,26 @@ class Preset:
     method: str | None = None  # rm, dpo, grpo: a preference method (AlignConfig fields)
 
 
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset(
+def _smollm2(name: str, description: str, *, chat_data: bool = False,
+             method: str | None = None, **defaults: Any) -> Preset:
+    """A preset that fine-tunes SmolLM2-135M-Instruct with its own tokenizer; a
+    preference ``method`` is also its default ``method`` field."""
+    if method is not None:
+        defaults = dict(method=method, **defaults)
+    return Preset(name=name, description=description, model=None, init_from="smollm2",
+                  tokenizer="smollm2", defaults=defaults, chat_data=chat_data, method=method)
+
+
+# What the preference presets share: sized for a 2-core CPU in minutes, evaluated and
+# checkpointed only at the end, logged every step, on the demo preference set.
+_CPU_MINUTES = dict(warmup_steps=2, weight_decay=0.0, eval_every=0, ckpt_every=0,
+                    log_every=1)
+_DEMO_PAIRS = dict(data="demo", max_len=96, val_fraction=0.25)
+_DEMO_ANSWERS = dict(val_prompts="demo", train_layers=4, eval_max_tokens=40,
+                     reward="python:llm_engine.training.demo_data:one_sentence_reward")
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset(
         name="tiny",
         description="~4M-parameter Llama-style model, 4096-token BPE; CPU-friendly",
         model=ModelConfig(arch="llama", vocab_size=4096, hidden_size=256, num_layers=4,
@@ -51,7 +69,7 @@ PRESETS: dict[str, Preset] = {
                       lr=2e-3, warmup_steps=30, weight_decay=0.1, eval_every=50,
                       ckpt_every=100, eval_examples=64),
     ),
-    "gpt2-124m": Preset(
+    Preset(
         name="gpt2-124m",
         description="GPT-2 small (124M) with the SmolLM2 tokenizer; for a GPU",
         model=ModelConfig(arch="gpt2", vocab_size=49152, hidden_size=768, num_layers=12,
@@ -63,55 +81,21 @@ PRESETS: dict[str, Preset] = {
                       warmup_steps=200, weight_decay=0.1, eval_every=250, ckpt_every=1000,
                       eval_examples=128),
     ),
-    "smollm2-sft": Preset(
-        name="smollm2-sft",
-        description="supervised fine-tuning of SmolLM2-135M-Instruct on chat JSONL",
-        model=None,
-        init_from="smollm2",
-        tokenizer="smollm2",
-        defaults=dict(seq_len=512, batch_size=4, steps=200, lr=5e-5, warmup_steps=10,
-                      weight_decay=0.0, eval_every=50, ckpt_every=100, eval_examples=32),
-        chat_data=True,
-    ),
-    "smollm2-rm": Preset(
-        name="smollm2-rm",
-        description="reward model from SmolLM2-135M-Instruct on preference pairs; CPU minutes",
-        model=None,
-        init_from="smollm2",
-        tokenizer="smollm2",
-        defaults=dict(method="rm", data="demo", max_len=96, batch_size=8, steps=12, lr=1e-4,
-                      warmup_steps=2, weight_decay=0.0, eval_every=0, ckpt_every=0,
-                      eval_examples=24, log_every=1, val_fraction=0.25, train_layers=2),
-        method="rm",
-    ),
-    "smollm2-dpo": Preset(
-        name="smollm2-dpo",
-        description="DPO of SmolLM2-135M-Instruct on preference pairs; CPU minutes",
-        model=None,
-        init_from="smollm2",
-        tokenizer="smollm2",
-        defaults=dict(method="dpo", data="demo", max_len=96, batch_size=4, steps=10, lr=2e-5,
-                      warmup_steps=2, weight_decay=0.0, eval_every=0, ckpt_every=0,
-                      eval_examples=16, log_every=1, val_fraction=0.25, beta=0.1,
-                      val_prompts="demo", train_layers=4, eval_max_tokens=40,
-                      reward="python:llm_engine.training.demo_data:one_sentence_reward"),
-        method="dpo",
-    ),
-    "smollm2-grpo": Preset(
-        name="smollm2-grpo",
-        description="GRPO of SmolLM2-135M-Instruct with engine rollouts; CPU minutes",
-        model=None,
-        init_from="smollm2",
-        tokenizer="smollm2",
-        defaults=dict(method="grpo", prompts="demo", val_prompts="demo", batch_size=2,
-                      group_size=4, max_new_tokens=24, steps=10, lr=2e-5, warmup_steps=1,
-                      weight_decay=0.0, eval_every=0, ckpt_every=0, eval_examples=16,
-                      log_every=1, kl_coef=0.04, clip_eps=0.2, train_layers=4,
-                      eval_max_tokens=40,
-                      reward="python:llm_engine.training.demo_data:one_sentence_reward"),
-        method="grpo",
-    ),
-}
+    _smollm2("smollm2-sft", "supervised fine-tuning of SmolLM2-135M-Instruct on chat JSONL",
+             chat_data=True, seq_len=512, batch_size=4, steps=200, lr=5e-5, warmup_steps=10,
+             weight_decay=0.0, eval_every=50, ckpt_every=100, eval_examples=32),
+    _smollm2("smollm2-rm",
+             "reward model from SmolLM2-135M-Instruct on preference pairs; CPU minutes",
+             method="rm", **_CPU_MINUTES, **_DEMO_PAIRS, batch_size=8, steps=12, lr=1e-4,
+             eval_examples=24, train_layers=2),
+    _smollm2("smollm2-dpo", "DPO of SmolLM2-135M-Instruct on preference pairs; CPU minutes",
+             method="dpo", **_CPU_MINUTES, **_DEMO_PAIRS, **_DEMO_ANSWERS, batch_size=4,
+             steps=10, lr=2e-5, eval_examples=16, beta=0.1),
+    _smollm2("smollm2-grpo", "GRPO of SmolLM2-135M-Instruct with engine rollouts; CPU minutes",
+             method="grpo", **{**_CPU_MINUTES, "warmup_steps": 1}, **_DEMO_ANSWERS,
+             prompts="demo", batch_size=2, group_size=4, max_new_tokens=24, steps=10, lr=2e-5,
+             eval_examples=16, kl_coef=0.04, clip_eps=0.2),
+)}
 
 
 def get_preset(name: str) -> Preset:
