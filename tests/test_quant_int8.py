@@ -8,30 +8,17 @@ import sys
 import numpy as np
 import pytest
 import torch
+from testing_utils import random_quant_blocks
 
 from llm_engine import _C
 from llm_engine.quant import QUANT_TYPES, QuantizedWeight
-
-# Byte offsets of each type's fp16 scales inside a block (random bytes there could be inf/NaN).
-_F16_AT = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
-
-
-def random_blocks(qtype: str, rows: int, in_features: int, seed: int = 0) -> np.ndarray:
-    """Random but valid ``(rows, row_bytes)`` uint8 blocks of ``qtype`` (every level occurs)."""
-    rng = np.random.default_rng(seed)
-    block, size = QUANT_TYPES[qtype]
-    b = rng.integers(0, 256, size=(rows * in_features // block, size), dtype=np.uint8)
-    for at in _F16_AT[qtype]:
-        scales = np.float16(rng.normal(size=b.shape[0]) * 0.02)
-        b[:, at:at + 2] = scales.view(np.uint8).reshape(-1, 2)
-    return b.reshape(rows, -1)
 
 INT8_TYPES = [t for t in sorted(QUANT_TYPES) if _C.quant_matmul_int8_supported(t)]
 _KS = {32: (32, 96, 576, 1536), 256: (256, 768)}
 
 
 def _weight(qtype: str, rows: int, k: int, seed: int = 0) -> QuantizedWeight:
-    return QuantizedWeight(qtype, torch.from_numpy(random_blocks(qtype, rows, k, seed)), k)
+    return QuantizedWeight(qtype, torch.from_numpy(random_quant_blocks(qtype, rows, k, seed)), k)
 
 
 def _int8(x: torch.Tensor, w: QuantizedWeight, threads: int = 2) -> torch.Tensor:
@@ -131,7 +118,7 @@ def test_int8_generic_path_equals_the_avx2_path_bit_for_bit(tmp_path):
     cases = {}
     for i, (qtype, k) in enumerate([("q8_0", 96), ("q4_0", 576), ("q4_1", 160)]):
         for m in (1, 6):
-            cases[f"{qtype}_{m}_w"] = random_blocks(qtype, 11, k, seed=i)
+            cases[f"{qtype}_{m}_w"] = random_quant_blocks(qtype, 11, k, seed=i)
             cases[f"{qtype}_{m}_x"] = np.random.default_rng(m + i).normal(size=(m, k)).astype(
                 np.float32)
     np.savez(tmp_path / "in.npz", **cases)

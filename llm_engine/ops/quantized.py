@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 from llm_engine import _C
 from llm_engine.kernels import quant_matmul as quant_kernels
+from llm_engine.ops import onednn
 from llm_engine.ops.common import ANY, as_rows, cpp_needs, on_cuda, triton_needs
 from llm_engine.ops.dispatch import Op, registry, tensor_facts
-from llm_engine.ops.matmul import _LINEAR_POINTWISE, _onednn_mm
 from llm_engine.quant import QUANT_TYPES, QuantizedWeight
 
 # From this many rows on, the CPU dequantizes tiles and runs oneDNN's GEMM, compute-bound
@@ -48,15 +48,14 @@ def _signature(x: torch.Tensor, weight: QuantizedWeight,
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
     return (*tensor_facts("quantized_linear", x, bias),
             weight.blocks.is_cpu and (bias is None or bias.shape == (weight.out_features,)),
-            rows >= QUANT_GEMM_MIN_ROWS and _LINEAR_POINTWISE is not None
-            and torch.backends.mkldnn.enabled,
+            rows >= QUANT_GEMM_MIN_ROWS and onednn.usable(),
             weight.qtype in GROUP_TYPES and weight.blocks.device == x.device,
             weight.qtype in INT8_TYPES)
 
 
 QUANTIZED_LINEAR = registry().add(Op("quantized_linear", _signature, {
     "blocks": "the weight's blocks on the CPU, bias (out,) or None",
-    "many_rows": f"at least {QUANT_GEMM_MIN_ROWS} rows, oneDNN enabled",
+    "many_rows": f"at least {QUANT_GEMM_MIN_ROWS} rows, oneDNN usable (enabled, no CPU autocast)",
     "group_type": "q8_0/q4_0/q4_1 blocks on x's device",
     "int8_type": "/".join(sorted(INT8_TYPES)) + " weights",
 }, "x @ W.T + bias, W quantized"))
@@ -85,7 +84,7 @@ def _quantized_linear_onednn(x: torch.Tensor, weight: QuantizedWeight,
         b = min(n, a + tile)
         w = scratch[:b - a]
         _C.quant_dequantize(w.numpy(), weight.blocks[a:b].numpy(), weight.qtype, threads)
-        y = _onednn_mm(x2, w, None if bias is None else bias[a:b])
+        y = onednn.mm_bucketed(x2, w, None if bias is None else bias[a:b])
         if out is None:
             out = y
         else:
