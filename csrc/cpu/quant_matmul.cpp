@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/vectorize.h"
@@ -714,6 +715,28 @@ void matmul_int8_blocks32(float* out, int64_t out_stride, const float* x, const 
   }
 }
 
+// The 32-value block types' matmul (kInt8: with x rounded to int8) for `type`; false,
+// having done nothing, for the K-quants.
+template <bool kInt8>
+bool matmul_blocks32_of(QuantType type, float* out, int64_t out_stride, const float* x,
+                        const uint8_t* w, int64_t m, int64_t n, int64_t k, int num_threads) {
+  const auto run = [&](auto tag) {
+    constexpr QuantType T = decltype(tag)::value;
+    if constexpr (kInt8) {
+      matmul_int8_blocks32<T>(out, out_stride, x, w, m, n, k, num_threads);
+    } else {
+      matmul_blocks32<T>(out, out_stride, x, w, m, n, k, num_threads);
+    }
+    return true;
+  };
+  switch (type) {
+    case QuantType::kQ8_0: return run(std::integral_constant<QuantType, QuantType::kQ8_0>{});
+    case QuantType::kQ4_0: return run(std::integral_constant<QuantType, QuantType::kQ4_0>{});
+    case QuantType::kQ4_1: return run(std::integral_constant<QuantType, QuantType::kQ4_1>{});
+    default: return false;
+  }
+}
+
 }  // namespace
 
 bool quant_matmul_int8_supported(QuantType type) {
@@ -723,15 +746,8 @@ bool quant_matmul_int8_supported(QuantType type) {
 void quant_matmul_int8(float* out, int64_t out_stride, const float* x, const uint8_t* w,
                        QuantType type, int64_t m, int64_t n, int64_t k, int num_threads) {
   if (m == 0 || n == 0) return;
-  switch (type) {
-    case QuantType::kQ8_0:
-      return matmul_int8_blocks32<QuantType::kQ8_0>(out, out_stride, x, w, m, n, k, num_threads);
-    case QuantType::kQ4_0:
-      return matmul_int8_blocks32<QuantType::kQ4_0>(out, out_stride, x, w, m, n, k, num_threads);
-    case QuantType::kQ4_1:
-      return matmul_int8_blocks32<QuantType::kQ4_1>(out, out_stride, x, w, m, n, k, num_threads);
-    default:
-      throw std::invalid_argument("quant_matmul_int8 does not take this quantization type");
+  if (!matmul_blocks32_of<true>(type, out, out_stride, x, w, m, n, k, num_threads)) {
+    throw std::invalid_argument("quant_matmul_int8 does not take this quantization type");
   }
 }
 
@@ -772,15 +788,8 @@ void quant_dequantize(float* out, const uint8_t* blocks, QuantType type, int64_t
 void quant_matmul(float* out, int64_t out_stride, const float* x, const uint8_t* w,
                   QuantType type, int64_t m, int64_t n, int64_t k, int num_threads) {
   if (m == 0 || n == 0) return;
-  switch (type) {
-    case QuantType::kQ8_0:
-      return matmul_blocks32<QuantType::kQ8_0>(out, out_stride, x, w, m, n, k, num_threads);
-    case QuantType::kQ4_0:
-      return matmul_blocks32<QuantType::kQ4_0>(out, out_stride, x, w, m, n, k, num_threads);
-    case QuantType::kQ4_1:
-      return matmul_blocks32<QuantType::kQ4_1>(out, out_stride, x, w, m, n, k, num_threads);
-    default:
-      return matmul_kquant(out, out_stride, x, w, type, m, n, k, num_threads);
+  if (!matmul_blocks32_of<false>(type, out, out_stride, x, w, m, n, k, num_threads)) {
+    matmul_kquant(out, out_stride, x, w, type, m, n, k, num_threads);
   }
 }
 
