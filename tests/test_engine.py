@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from testing_utils import require_default_model
+from testing_utils import greedy_without_cache, require_default_model
 
 from llm_engine import LLM, SamplingParams
 from llm_engine.config import ModelConfig
@@ -20,7 +20,7 @@ from llm_engine.engine.engine import kv_block_bytes
 from llm_engine.engine.sampler import Sampler
 from llm_engine.engine.sequence import Request, Sequence
 from llm_engine.loader import load_model
-from llm_engine.model import AttentionMetadata, Transformer
+from llm_engine.model import Transformer
 from llm_engine.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -80,18 +80,6 @@ PROMPTS = [
 ]
 
 
-def greedy_without_cache(model, ids: list[int], n: int) -> list[int]:
-    """Reference: recompute the whole sequence for every token, no KV cache."""
-    ids = list(ids)
-    out = []
-    with torch.no_grad():
-        for _ in range(n):
-            x = torch.tensor(ids)
-            h = model(x, torch.arange(len(ids)), AttentionMetadata.for_lengths([len(ids)], "cpu"))
-            token = int(model.compute_logits(h[-1:]).argmax(-1))
-            out.append(token)
-            ids.append(token)
-    return out
 
 
 def test_greedy_matches_recomputing_without_cache(model, tokenizer):
