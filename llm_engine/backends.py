@@ -59,11 +59,21 @@ def typical_calls(device: torch.device, dtype: torch.dtype, grad: bool
     tables = torch.arange(blocks, device=device, dtype=torch.int32).view(1, blocks)
     lens = torch.tensor([tokens], device=device, dtype=torch.int32)
     slots = torch.arange(tokens, device=device)
+    def q4_1(out: int, inp: int) -> QuantizedWeight:
+        return QuantizedWeight("q4_1", torch.zeros(out, inp // 32 * 20, dtype=torch.uint8,
+                                                   device=device), inp)
+
+    q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    layer = ops.DecoderLayerWeights(
+        attn_norm=w, qkv=[q4_1(q_size + 2 * kv_size, c.hidden_size)], qkv_bias=None,
+        q_norm=None, k_norm=None, o=[q4_1(c.hidden_size, q_size)], mlp_norm=w,
+        gate_up=[q4_1(2 * c.intermediate_size, c.hidden_size)],
+        down=[q4_1(c.hidden_size, c.intermediate_size)], k_cache=cache, v_cache=cache)
+    stack = ops.DecoderStack([layer], c.num_heads, c.num_kv_heads, c.head_dim, c.norm_eps,
+                             c.head_dim**-0.5)
     calls = {
         "linear": ((x, t(c.intermediate_size, c.hidden_size)), {}),
-        "quantized_linear": ((x, QuantizedWeight(
-            "q4_1", torch.zeros(c.intermediate_size, c.hidden_size // 32 * 20, dtype=torch.uint8,
-                                device=device), c.hidden_size)), {}),
+        "quantized_linear": ((x, q4_1(c.intermediate_size, c.hidden_size)), {}),
         "rms_norm": ((x, w, c.norm_eps), {"residual": t(tokens, c.hidden_size)}),
         "layer_norm": ((x, w, t(c.hidden_size), c.norm_eps), {}),
         "apply_rope": ((q if not grad else t(tokens, c.num_heads, c.head_dim), cos, sin), {}),
@@ -76,6 +86,7 @@ def typical_calls(device: torch.device, dtype: torch.dtype, grad: bool
         "paged_attention": ((q[:1], cache, cache, tables, lens[:1]), {}),
         "paged_prefill_attention": ((q, cache, cache, tables, cu, lens, tokens), {}),
         "sample": ((t(1, c.vocab_size, dt=torch.float32), 0.7), {}),
+        "decode_layers": ((x[:1], stack, cos[:1], sin[:1], slots[:1], tables, lens[:1]), {}),
         "moe": ((x, t(4, 2 * c.intermediate_size, c.hidden_size),
                  t(4, c.hidden_size, c.intermediate_size), t(tokens, 2, dt=torch.float32),
                  torch.zeros(tokens, 2, device=device, dtype=torch.int64)), {}),

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from testing_utils import require_default_model
+from testing_utils import greedy_without_cache, require_default_model
 
 from llm_engine import LLM, SamplingParams
 from llm_engine.config import ModelConfig
@@ -20,7 +20,7 @@ from llm_engine.engine.engine import kv_block_bytes
 from llm_engine.engine.sampler import Sampler
 from llm_engine.engine.sequence import Request, Sequence
 from llm_engine.loader import load_model
-from llm_engine.model import AttentionMetadata, Transformer
+from llm_engine.model import Transformer
 from llm_engine.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -80,18 +80,6 @@ PROMPTS = [
 ]
 
 
-def greedy_without_cache(model, ids: list[int], n: int) -> list[int]:
-    """Reference: recompute the whole sequence for every token, no KV cache."""
-    ids = list(ids)
-    out = []
-    with torch.no_grad():
-        for _ in range(n):
-            x = torch.tensor(ids)
-            h = model(x, torch.arange(len(ids)), AttentionMetadata.for_lengths([len(ids)], "cpu"))
-            token = int(model.compute_logits(h[-1:]).argmax(-1))
-            out.append(token)
-            ids.append(token)
-    return out
 
 
 def test_greedy_matches_recomputing_without_cache(model, tokenizer):
@@ -213,6 +201,20 @@ def test_n_completions_fork_the_prompt_and_sample_independently(model, tokenizer
     greedy = llm.generate(PROMPTS[2], SamplingParams(n=2, temperature=0, max_tokens=12),
                           use_tqdm=False)[0]
     assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+    assert_all_blocks_free(llm)
+
+
+def test_requests_that_fork_never_run_more_than_max_num_seqs(model, tokenizer):
+    llm = make_llm(model, tokenizer, max_num_seqs=4)
+    engine = llm.engine
+    ids = tokenizer.encode("Count with me:")
+    for i, n in enumerate((4, 2, 1)):
+        engine.add_request(None, ids, SamplingParams(n=n, temperature=1.0, seed=i, max_tokens=5))
+    most = 0
+    while engine.has_unfinished():
+        engine.step()
+        most = max(most, len(engine.scheduler.running))
+    assert most == 4
     assert_all_blocks_free(llm)
 
 

@@ -8,11 +8,12 @@ import random
 
 import pytest
 import torch
+from testing_utils import greedy_without_cache
 
 from llm_engine import LLM, SamplingParams
 from llm_engine.config import ModelConfig
 from llm_engine.loader import load_model
-from llm_engine.model import AttentionMetadata, Transformer
+from llm_engine.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -64,15 +65,6 @@ def assert_all_blocks_free(llm: LLM) -> None:
     assert not llm.engine.has_unfinished()
 
 
-def greedy_without_cache(model, ids: list[int], n: int) -> list[int]:
-    ids, out = list(ids), []
-    with torch.no_grad():
-        for _ in range(n):
-            h = model(torch.tensor(ids), torch.arange(len(ids)),
-                      AttentionMetadata.for_lengths([len(ids)], "cpu"))
-            out.append(int(model.compute_logits(h[-1:]).argmax(-1)))
-            ids.append(out[-1])
-    return out
 
 
 def test_batched_chunked_greedy_equals_each_prompt_alone_and_no_cache(model, tokenizer) -> None:

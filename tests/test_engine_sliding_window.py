@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from testing_utils import greedy_without_cache
 
 from llm_engine import LLM, SamplingParams
 from llm_engine.config import ModelConfig
 from llm_engine.loader import load_model
-from llm_engine.model import AttentionMetadata, Transformer
+from llm_engine.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -83,15 +84,6 @@ def run_tracking_blocks(llm: LLM, ids: list[int], params: SamplingParams):
     return request.to_output().outputs[0].token_ids, held
 
 
-def greedy_without_cache(model, ids: list[int], n: int) -> list[int]:
-    ids, out = list(ids), []
-    with torch.no_grad():
-        for _ in range(n):
-            h = model(torch.tensor(ids), torch.arange(len(ids)),
-                      AttentionMetadata.for_lengths([len(ids)], "cpu"))
-            out.append(int(model.compute_logits(h[-1:]).argmax(-1)))
-            ids.append(out[-1])
-    return out
 
 
 def assert_all_blocks_free(llm: LLM) -> None:

@@ -83,9 +83,9 @@ def test_packed_weight_gives_the_same_linear(rows, bias) -> None:
 
 
 def test_inference_linear_rounds_rows_up_to_few_shapes_and_keeps_the_result() -> None:
-    from llm_engine.ops.matmul import _bucket_rows
+    from llm_engine.ops.onednn import bucket_rows
 
-    buckets = [_bucket_rows(m) for m in range(1, 8193)]
+    buckets = [bucket_rows(m) for m in range(1, 8193)]
     assert buckets[:16] == list(range(1, 17)) and len(set(buckets)) < 100
     assert all(m <= r <= m + m // 8 for m, r in enumerate(buckets, 1))
     torch.manual_seed(0)

@@ -8,30 +8,17 @@ import sys
 import numpy as np
 import pytest
 import torch
+from testing_utils import random_quant_blocks
 
 from llm_engine import _C
 from llm_engine.quant import QUANT_TYPES, QuantizedWeight
-
-# Byte offsets of each type's fp16 scales inside a block (random bytes there could be inf/NaN).
-_F16_AT = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
-
-
-def random_blocks(qtype: str, rows: int, in_features: int, seed: int = 0) -> np.ndarray:
-    """Random but valid ``(rows, row_bytes)`` uint8 blocks of ``qtype`` (every level occurs)."""
-    rng = np.random.default_rng(seed)
-    block, size = QUANT_TYPES[qtype]
-    b = rng.integers(0, 256, size=(rows * in_features // block, size), dtype=np.uint8)
-    for at in _F16_AT[qtype]:
-        scales = np.float16(rng.normal(size=b.shape[0]) * 0.02)
-        b[:, at:at + 2] = scales.view(np.uint8).reshape(-1, 2)
-    return b.reshape(rows, -1)
 
 INT8_TYPES = [t for t in sorted(QUANT_TYPES) if _C.quant_matmul_int8_supported(t)]
 _KS = {32: (32, 96, 576, 1536), 256: (256, 768)}
 
 
 def _weight(qtype: str, rows: int, k: int, seed: int = 0) -> QuantizedWeight:
-    return QuantizedWeight(qtype, torch.from_numpy(random_blocks(qtype, rows, k, seed)), k)
+    return QuantizedWeight(qtype, torch.from_numpy(random_quant_blocks(qtype, rows, k, seed)), k)
 
 
 def _int8(x: torch.Tensor, w: QuantizedWeight, threads: int = 2) -> torch.Tensor:
@@ -131,7 +118,7 @@ def test_int8_generic_path_equals_the_avx2_path_bit_for_bit(tmp_path):
     cases = {}
     for i, (qtype, k) in enumerate([("q8_0", 96), ("q4_0", 576), ("q4_1", 160)]):
         for m in (1, 6):
-            cases[f"{qtype}_{m}_w"] = random_blocks(qtype, 11, k, seed=i)
+            cases[f"{qtype}_{m}_w"] = random_quant_blocks(qtype, 11, k, seed=i)
             cases[f"{qtype}_{m}_x"] = np.random.default_rng(m + i).normal(size=(m, k)).astype(
                 np.float32)
     np.savez(tmp_path / "in.npz", **cases)
@@ -187,3 +174,38 @@ def test_int8_matmul_rejects_bad_input_clearly():
     with pytest.raises(ValueError, match="qtype must be one of"):
         _C.quant_matmul_int8_supported("q3_k")
     assert {"q8_0", "q4_0", "q4_1"} <= set(INT8_TYPES)
+
+
+def test_int8_rounded_is_the_kernels_rounding():
+    from llm_engine.ops.quantized import int8_rounded
+
+    x = torch.randn(3, 96)
+    x[0, :32] = torch.arange(32) - 15.5  # ties
+    x[1, 32:64] = 0.0
+    q, d = _rounded(x, 32)
+    assert torch.equal(int8_rounded(x).double(),
+                       torch.from_numpy(q * d.astype(np.float64).repeat(32, 1)).float().double())
+    with pytest.raises(ValueError, match="multiple of 32, got 40"):
+        int8_rounded(torch.randn(2, 40))
+
+
+
+def test_ops_take_int8_only_when_forced_and_then_for_every_row_count():
+    from llm_engine import ops
+
+    reg = ops.registry()
+    w41, w6k = _weight("q4_1", 8, 256), _weight("q6_k", 8, 256)
+    few, many = torch.randn(3, 256), torch.randn(ops.QUANT_GEMM_MIN_ROWS + 1, 256)
+    bias = torch.randn(8)
+    with torch.no_grad():
+        assert reg.choose("quantized_linear", few, w41) == "cpp"
+        assert reg.eligible("quantized_linear", few, w41)["int8"] is None
+        assert "q4_0/q4_1/q8_0" in reg.eligible("quantized_linear", few, w6k)["int8"]
+        with ops.use(quantized_linear="int8"):
+            assert reg.choose("quantized_linear", many, w41) == "int8"
+            got = ops.quantized_linear(many, w41, bias)
+            assert torch.equal(got[:3], ops.quantized_linear(many[:3].clone(), w41, bias))
+            with pytest.raises(ValueError, match="q4_0/q4_1/q8_0"):
+                ops.quantized_linear(few, w6k)
+        threads = torch.get_num_threads()
+        assert torch.equal(got, _int8(many, w41, threads=threads) + bias)

@@ -476,12 +476,12 @@ def _meet_every_linear_shape(llm: LLM) -> None:
     batch size grows memory by one primitive per new shape."""
     from llm_engine.model import Linear
     from llm_engine.ops import linear
-    from llm_engine.ops.matmul import _bucket_rows
+    from llm_engine.ops.onednn import bucket_rows
 
     engine = llm.engine
     model = engine.model
-    body = sorted({_bucket_rows(m) for m in range(1, engine.config.max_num_batched_tokens + 1)})
-    heads = sorted({_bucket_rows(m) for m in range(1, engine.scheduler.max_num_seqs + 1)})
+    body = sorted({bucket_rows(m) for m in range(1, engine.config.max_num_batched_tokens + 1)})
+    heads = sorted({bucket_rows(m) for m in range(1, engine.scheduler.max_num_seqs + 1)})
     with torch.inference_mode():
         for module in model.modules():
             if isinstance(module, Linear):

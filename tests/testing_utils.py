@@ -75,3 +75,18 @@ def random_quant_blocks(qtype: str, rows: int, in_features: int, seed: int = 0) 
         scales = np.float16(rng.normal(size=b.shape[0]) * 0.02)
         b[:, at:at + 2] = scales.view(np.uint8).reshape(-1, 2)
     return b.reshape(rows, -1)
+
+
+def greedy_without_cache(model, ids: list[int], n: int) -> list[int]:
+    """The reference of the engine tests: ``n`` greedy tokens after ``ids``, recomputing
+    the whole sequence for every token, no KV cache."""
+    from llm_engine.model import AttentionMetadata
+
+    ids, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            h = model(torch.tensor(ids), torch.arange(len(ids)),
+                      AttentionMetadata.for_lengths([len(ids)], "cpu"))
+            out.append(int(model.compute_logits(h[-1:]).argmax(-1)))
+            ids.append(out[-1])
+    return out

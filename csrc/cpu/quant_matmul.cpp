@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/vectorize.h"
@@ -306,21 +307,55 @@ void matmul_kquant(float* out, int64_t out_stride, const float* x, const uint8_t
 // ---------------------------------------------------------------- int8 activations
 // llama.cpp's scheme: each x row is rounded to int8 per 32-value block (scale d = max|x| /
 // 127, q = round(x / d), ties away from zero), then every weight block takes an integer
-// dot product with it. Per block and (x row, weight row), the 32 products are summed in 8
-// int32 lanes (lane l: values 4l .. 4l+3, exact), each lane converted to float and
-// accumulated with one fma by dw * dx; the 8 lanes are added at the end in a fixed tree.
-// The AVX2 and the plain C++ path follow those steps exactly, so they agree bit for bit.
-// Q4_1 adds mw * sx per block, sx = dx * sum(q) of the x block (its offset term).
+// dot product with it (exact in int32). Per (x row, weight row) the blocks are spread
+// over 8 float lanes (block_lane): lane = fma(dw * dx, dot, lane), then for Q4_1
+// lane = fma(mw, sx, lane) with sx = dx * sum(q) of the x block (the weight offset's
+// term). The 8 lanes are added at the end in a fixed tree. The AVX2 path reduces 8
+// blocks' integer dot products to one vector and takes those fmas 8 blocks at a time, the
+// plain C++ path one block at a time: the same operations per lane, so they agree bit
+// for bit.
+//
+// For the 4-bit types x's levels are stored so that a 256-bit register of nibbles lines
+// up with them: blocks 2p and 2p + 1 as [2p: 0-15 | 2p+1: 0-15 | 2p: 16-31 | 2p+1: 16-31]
+// (a last odd block with zeros for its partner). Q4_0's -8 is folded in as -8 * sum(q)
+// per block.
 constexpr int kLanes = 8;
 
-// x (m, k) rounded per block: q (m, k), d (m, k / 32), s = d * sum(q) (Q4_1 only).
+template <QuantType T>
+constexpr bool nibbles() {
+  return T != QuantType::kQ8_0;
+}
+
+// x (m, k) rounded per block: q (m, row) in the layout above (row_levels), d (m, k / 32),
+// s = d * sum(q) (Q4_1), sum = sum(q) (Q4_0).
 struct Int8Rows {
   std::vector<int8_t> q;
   std::vector<float> d;
   std::vector<float> s;
+  std::vector<int32_t> sum;
 };
 
-bool int8_use_avx2();
+// Levels per row of Int8Rows::q for nb blocks.
+template <QuantType T>
+constexpr int64_t row_levels(int64_t nb) {
+  return (nibbles<T>() ? (nb + 1) / 2 * 2 : nb) * kQ;
+}
+
+// The lane of block b: within each group of 8 blocks, Q8_0 blocks in order, the 4-bit
+// types' even blocks in lanes 0-3 and odd ones in 4-7 (the order the AVX2 path's
+// reduction leaves them in).
+template <QuantType T>
+inline int block_lane(int64_t b) {
+  const int p = static_cast<int>(b % kLanes);
+  return nibbles<T>() ? (p % 2) * 4 + p / 2 : p;
+}
+
+// Where value e of x block b is in its row of Int8Rows::q.
+template <QuantType T>
+inline int64_t level_at(int64_t b, int64_t e) {
+  if (!nibbles<T>()) return b * kQ + e;
+  return (b / 2) * 2 * kQ + (e / 16) * kQ + (b % 2) * 16 + e % 16;
+}
 
 // One block of 32 values: scale and sum of its levels. A block with a NaN or an infinity
 // gets scale NaN (so the rows it feeds come out NaN) and levels 0.
@@ -350,61 +385,50 @@ void quantize_block32_generic(const float* x, int8_t* q, float* d_out, int32_t* 
   *sum = s;
 }
 
-// The integer dot product of weight block `blk` with x levels `xq`, in kLanes lanes.
-template <QuantType T>
-inline void block_dot_lanes(const uint8_t* blk, const int8_t* xq, int32_t* lanes) {
-  int32_t w[kQ];
-  if constexpr (T == QuantType::kQ8_0) {
-    for (int64_t l = 0; l < kQ; ++l) w[l] = static_cast<int8_t>(blk[2 + l]);
-  } else {
-    constexpr int bias = T == QuantType::kQ4_0 ? 8 : 0;
-    const uint8_t* qs = blk + (T == QuantType::kQ4_1 ? 4 : 2);
-    for (int64_t l = 0; l < 16; ++l) {
-      w[l] = (qs[l] & 0xF) - bias;
-      w[l + 16] = (qs[l] >> 4) - bias;
-    }
-  }
-  for (int lane = 0; lane < kLanes; ++lane) {
-    int32_t s = 0;
-    for (int e = 4 * lane; e < 4 * lane + 4; ++e) s += w[e] * xq[e];
-    lanes[lane] = s;
-  }
-}
-
-// The fixed order in which the 8 lanes are added (that of hsum above).
+// The fixed order in which the 8 lanes are added.
 inline float lanes_sum(const float* v) {
   const float a0 = v[0] + v[4], a1 = v[1] + v[5], a2 = v[2] + v[6], a3 = v[3] + v[7];
   return (a0 + a2) + (a1 + a3);
 }
 
-// out[(i0 + r) * out_stride + j0 + c] for x rows i0 .. i0 + MR - 1 and weight rows
-// j0 .. j0 + NR - 1 (rows row_bytes apart from w).
-template <QuantType T, int MR, int NR>
-void int8_dot_generic(const uint8_t* w, int64_t row_bytes, int64_t nb, const Int8Rows& a,
-                      int64_t i0, int64_t j0, float* out, int64_t out_stride) {
-  float acc[MR][NR][kLanes] = {};
-  float off[MR][NR] = {};
-  int32_t lanes[kLanes];
+// Block b's terms into its lane (both paths use this for the blocks they take singly).
+template <QuantType T>
+inline void add_block(float* lanes, int lane, const uint8_t* blk, int32_t dot, float dw,
+                      float xd, float xs) {
+  lanes[lane] = std::fma(dw * xd, static_cast<float>(dot), lanes[lane]);
+  if constexpr (T == QuantType::kQ4_1) {
+    lanes[lane] = std::fma(fp16_to_fp32(blk + 2), xs, lanes[lane]);
+  }
+}
+
+// out[(i0 + r) * out_stride] for x rows i0 .. i0 + MR - 1 and the weight row wj.
+template <QuantType T, int MR>
+void int8_dot_generic(const uint8_t* wj, int64_t nb, const Int8Rows& a, int64_t i0, float* out,
+                      int64_t out_stride) {
+  float lanes[MR][kLanes] = {};
   for (int64_t b = 0; b < nb; ++b) {
-    for (int c = 0; c < NR; ++c) {
-      const uint8_t* blk = w + (j0 + c) * row_bytes + b * block_bytes<T>();
-      const float dw = fp16_to_fp32(blk);
-      for (int r = 0; r < MR; ++r) {
-        const int64_t xb = (i0 + r) * nb + b;
-        block_dot_lanes<T>(blk, a.q.data() + xb * kQ, lanes);
-        const float d = dw * a.d[xb];
-        for (int l = 0; l < kLanes; ++l) {
-          acc[r][c][l] = std::fma(d, static_cast<float>(lanes[l]), acc[r][c][l]);
-        }
-        if constexpr (T == QuantType::kQ4_1) {
-          off[r][c] = std::fma(fp16_to_fp32(blk + 2), a.s[xb], off[r][c]);
-        }
+    const uint8_t* blk = wj + b * block_bytes<T>();
+    int32_t w[kQ];
+    if constexpr (T == QuantType::kQ8_0) {
+      for (int64_t l = 0; l < kQ; ++l) w[l] = static_cast<int8_t>(blk[2 + l]);
+    } else {
+      constexpr int bias = T == QuantType::kQ4_0 ? 8 : 0;
+      const uint8_t* qs = blk + (T == QuantType::kQ4_1 ? 4 : 2);
+      for (int64_t l = 0; l < 16; ++l) {
+        w[l] = (qs[l] & 0xF) - bias;
+        w[l + 16] = (qs[l] >> 4) - bias;
       }
     }
+    for (int r = 0; r < MR; ++r) {
+      const int8_t* xq = a.q.data() + (i0 + r) * row_levels<T>(nb);
+      int32_t dot = 0;
+      for (int64_t e = 0; e < kQ; ++e) dot += w[e] * xq[level_at<T>(b, e)];
+      const int64_t xb = (i0 + r) * nb + b;
+      add_block<T>(lanes[r], block_lane<T>(b), blk, dot, fp16_to_fp32(blk), a.d[xb],
+                   T == QuantType::kQ4_1 ? a.s[xb] : 0.0f);
+    }
   }
-  for (int r = 0; r < MR; ++r) {
-    for (int c = 0; c < NR; ++c) out[(i0 + r) * out_stride + j0 + c] = lanes_sum(acc[r][c]) + off[r][c];
-  }
+  for (int r = 0; r < MR; ++r) out[(i0 + r) * out_stride] = lanes_sum(lanes[r]);
 }
 
 #if LLM_ENGINE_HAVE_AVX2_PATH
@@ -459,73 +483,162 @@ __attribute__((target("avx2,fma"))) void quantize_block32_avx2(const float* x, i
   *sum = _mm_cvtsi128_si32(s4);
 }
 
-// Weight block `blk`'s 32 levels as bytes, in value order: Q8_0 int8; Q4_0 nibble - 8
-// (int8); Q4_1 nibbles (uint8).
-template <QuantType T>
-__attribute__((target("avx2"))) inline __m256i block_bytes_avx2(const uint8_t* blk) {
-  if constexpr (T == QuantType::kQ8_0) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-  } else {
-    const __m128i raw =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (T == QuantType::kQ4_1 ? 4 : 2)));
-    const __m256i both =
-        _mm256_inserti128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1);
-    const __m256i nib = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-    if constexpr (T == QuantType::kQ4_0) return _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
-    return nib;
-  }
+// The fp16 pairs at the starts of the 8 blocks at blk + offsets[i] as fp32 vectors: the
+// first of each pair (d) into *dw, the second (Q4_1's m; other types' first level bytes,
+// unused) into *mw.
+// Lanes outside `mask` are 0.
+__attribute__((target("avx2,f16c"))) inline void block_scales8(const uint8_t* blk,
+                                                              __m256i offsets, __m256i mask,
+                                                              __m256* dw, __m256* mw) {
+  const __m256i dm = _mm256_mask_i32gather_epi32(
+      _mm256_setzero_si256(), reinterpret_cast<const int*>(blk), offsets, mask, 1);
+  const __m256i split = _mm256_shuffle_epi8(
+      dm, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9,
+                           12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+  const __m256i halves = _mm256_permute4x64_epi64(split, 0xD8);  // d0-7 | m0-7
+  *dw = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
+  *mw = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
 }
 
-// The 8 int32 lanes of the dot product of weight bytes wb with x levels xq (signed
-// weights: |w| times x with w's sign, so that maddubs sees an unsigned first operand).
-template <QuantType T>
-__attribute__((target("avx2"))) inline __m256i block_dot_avx2(__m256i wb, __m256i xq) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  if constexpr (T == QuantType::kQ4_1) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(wb, xq), ones);
-  } else {
-    return _mm256_madd_epi16(
-        _mm256_maddubs_epi16(_mm256_sign_epi8(wb, wb), _mm256_sign_epi8(xq, wb)), ones);
-  }
+// Q8_0 block's dot product with 32 x levels in value order, in 8 int32 lanes: |w| times
+// x with w's sign (maddubs takes an unsigned first operand).
+__attribute__((target("avx2"))) inline __m256i q8_dot(__m256i wb, const int8_t* xq) {
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+  return _mm256_madd_epi16(
+      _mm256_maddubs_epi16(_mm256_sign_epi8(wb, wb), _mm256_sign_epi8(xv, wb)),
+      _mm256_set1_epi16(1));
 }
 
-template <QuantType T, int MR, int NR>
-__attribute__((target("avx2,fma,f16c"))) void int8_dot_avx2(const uint8_t* w, int64_t row_bytes,
-                                                            int64_t nb, const Int8Rows& a,
-                                                            int64_t i0, int64_t j0, float* out,
-                                                            int64_t out_stride) {
-  __m256 acc[MR][NR];
-  float off[MR][NR];
-  for (int r = 0; r < MR; ++r) {
-    for (int c = 0; c < NR; ++c) {
-      acc[r][c] = _mm256_setzero_ps();
-      off[r][c] = 0.0f;
-    }
-  }
-  const int8_t* xq = a.q.data() + i0 * nb * kQ;
-  const float* xd = a.d.data() + i0 * nb;
-  const float* xs = a.s.data() + (T == QuantType::kQ4_1 ? i0 * nb : 0);
-  const uint8_t* wr = w + j0 * row_bytes;
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i xv[MR];
-    for (int r = 0; r < MR; ++r) {
-      xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (r * nb + b) * kQ));
-    }
-    for (int c = 0; c < NR; ++c) {
-      const uint8_t* blk = wr + c * row_bytes + b * block_bytes<T>();
-      const float dw = fp16_to_fp32_f16c(blk);
-      const __m256i wb = block_bytes_avx2<T>(blk);
-      for (int r = 0; r < MR; ++r) {
-        const __m256 dot = _mm256_cvtepi32_ps(block_dot_avx2<T>(wb, xv[r]));
-        acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[r * nb + b]), dot, acc[r][c]);
-        if constexpr (T == QuantType::kQ4_1) {
-          off[r][c] = std::fma(fp16_to_fp32_f16c(blk + 2), xs[r * nb + b], off[r][c]);
+// Two nibble blocks' levels (qs of 16 bytes each) as [low nibbles of a | of b] and
+// [high nibbles of a | of b]: the layout of their x levels.
+__attribute__((target("avx2"))) inline void nibble_pair(const uint8_t* qa, const uint8_t* qb,
+                                                       __m256i* lo, __m256i* hi) {
+  const __m256i raw = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qa))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb)), 1);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  *lo = _mm256_and_si256(raw, low4);
+  *hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+}
+
+// The unsigned nibble dot products of a pair with its 64 x levels (layout above): lanes
+// 0-3 partial sums of block a, 4-7 of block b (int16 sums stay below 2 * 2 * 15 * 127).
+__attribute__((target("avx2"))) inline __m256i nibble_pair_dot(__m256i lo, __m256i hi,
+                                                              const int8_t* xq) {
+  const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+  const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + kQ));
+  return _mm256_madd_epi16(
+      _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)),
+      _mm256_set1_epi16(1));
+}
+
+// 8 floats from p (those in `in_mem` where Partial, the others 0) in lane order.
+template <bool Partial>
+__attribute__((target("avx2"))) inline __m256 load_lanes(const float* p, __m256i in_mem,
+                                                        __m256i order) {
+  return _mm256_permutevar8x32_ps(Partial ? _mm256_maskload_ps(p, in_mem) : _mm256_loadu_ps(p),
+                                  order);
+}
+
+// The 8 blocks from block b of weight row wj (only the first t where Partial: the last
+// group of a row) against MR x rows (levels xrow apart), into acc. Missing blocks add
+// exactly +0 to their lanes (dot, scale and dx all zero), which leaves them unchanged.
+template <QuantType T, int MR, bool Partial>
+__attribute__((target("avx2,fma,f16c"))) inline void int8_group_avx2(
+    const uint8_t* wj, int64_t b, int t, int64_t nb, const Int8Rows& a, int64_t i0, __m256i order,
+    __m256i offsets, __m256* acc) {
+  constexpr int64_t bb = block_bytes<T>();
+  constexpr int64_t qs_at = T == QuantType::kQ4_1 ? 4 : 2;
+  const int64_t xrow = row_levels<T>(nb);
+  const int8_t* xq = a.q.data() + i0 * xrow + b * kQ;
+  const uint8_t* blk = wj + b * bb;
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i dots[MR];
+  if constexpr (nibbles<T>()) {
+    // Pairs (0,1), (2,3) then (4,5), (6,7): hadd leaves [0 2 4 6 | 1 3 5 7].
+    __m256i half[2][MR];
+    for (int h = 0; h < 2; ++h) {
+      __m256i pd[2][MR];
+      for (int p = 0; p < 2; ++p) {
+        const int first = 4 * h + 2 * p;  // the pair's first block in the group
+        if (Partial && first >= t) {
+          for (int r = 0; r < MR; ++r) pd[p][r] = zero;
+          continue;
         }
+        const uint8_t* qa = blk + first * bb + qs_at;
+        __m256i lo, hi;
+        nibble_pair(qa, Partial && first + 1 >= t ? qa : qa + bb, &lo, &hi);
+        for (int r = 0; r < MR; ++r) pd[p][r] = nibble_pair_dot(lo, hi, xq + r * xrow + first * kQ);
+      }
+      for (int r = 0; r < MR; ++r) half[h][r] = _mm256_hadd_epi32(pd[0][r], pd[1][r]);
+    }
+    for (int r = 0; r < MR; ++r) dots[r] = _mm256_hadd_epi32(half[0][r], half[1][r]);
+  } else {
+    // Blocks 0-3 and 4-7: two hadd levels leave [0-3 lanes 0-3 | 0-3 lanes 4-7].
+    __m256i half[2][MR];
+    for (int h = 0; h < 2; ++h) {
+      __m256i pd[4][MR];
+      for (int c = 0; c < 4; ++c) {
+        const int at = 4 * h + c;
+        if (Partial && at >= t) {
+          for (int r = 0; r < MR; ++r) pd[c][r] = zero;
+          continue;
+        }
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + at * bb + 2));
+        for (int r = 0; r < MR; ++r) pd[c][r] = q8_dot(w, xq + r * xrow + at * kQ);
+      }
+      for (int r = 0; r < MR; ++r) {
+        half[h][r] = _mm256_hadd_epi32(_mm256_hadd_epi32(pd[0][r], pd[1][r]),
+                                       _mm256_hadd_epi32(pd[2][r], pd[3][r]));
       }
     }
+    for (int r = 0; r < MR; ++r) {
+      dots[r] = _mm256_add_epi32(_mm256_permute2x128_si256(half[0][r], half[1][r], 0x20),
+                                 _mm256_permute2x128_si256(half[0][r], half[1][r], 0x31));
+    }
   }
+  // Masks of the blocks present: in memory order (x's per-block arrays) and lane order.
+  const __m256i in_mem =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(t), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i in_lane = _mm256_cmpgt_epi32(_mm256_set1_epi32(t), order);
+  __m256 dw, mw;
+  block_scales8(blk, offsets, Partial ? in_lane : _mm256_set1_epi32(-1), &dw, &mw);
   for (int r = 0; r < MR; ++r) {
-    for (int c = 0; c < NR; ++c) out[(i0 + r) * out_stride + j0 + c] = hsum(acc[r][c]) + off[r][c];
+    const int64_t xb = (i0 + r) * nb + b;
+    if constexpr (T == QuantType::kQ4_0) {
+      const int* sp = a.sum.data() + xb;
+      const __m256i s = _mm256_permutevar8x32_epi32(
+          Partial ? _mm256_maskload_epi32(sp, in_mem)
+                  : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp)),
+          order);
+      dots[r] = _mm256_sub_epi32(dots[r], _mm256_slli_epi32(s, 3));
+    }
+    const __m256 d = _mm256_mul_ps(dw, load_lanes<Partial>(a.d.data() + xb, in_mem, order));
+    acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dots[r]), acc[r]);
+    if constexpr (T == QuantType::kQ4_1) acc[r] = _mm256_fmadd_ps(mw, load_lanes<Partial>(a.s.data() + xb, in_mem, order), acc[r]);
+  }
+}
+
+template <QuantType T, int MR>
+__attribute__((target("avx2,fma,f16c"))) void int8_dot_avx2(const uint8_t* wj, int64_t nb,
+                                                            const Int8Rows& a, int64_t i0,
+                                                            float* out, int64_t out_stride) {
+  // Lane i of a group holds block order[i] (see block_lane).
+  const __m256i order = nibbles<T>() ? _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7)
+                                     : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i offsets =
+      _mm256_mullo_epi32(order, _mm256_set1_epi32(static_cast<int>(block_bytes<T>())));
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + kLanes <= nb; b += kLanes) {
+    int8_group_avx2<T, MR, false>(wj, b, kLanes, nb, a, i0, order, offsets, acc);
+  }
+  if (b < nb) int8_group_avx2<T, MR, true>(wj, b, static_cast<int>(nb - b), nb, a, i0, order, offsets, acc);
+  for (int r = 0; r < MR; ++r) {
+    float lanes[kLanes];
+    _mm256_storeu_ps(lanes, acc[r]);
+    out[(i0 + r) * out_stride] = lanes_sum(lanes);
   }
 }
 #endif
@@ -546,64 +659,81 @@ void quantize_block32(const float* x, int8_t* q, float* d, int32_t* sum) {
   quantize_block32_generic(x, q, d, sum);
 }
 
-template <QuantType T, int MR, int NR>
-void int8_dot(const uint8_t* w, int64_t row_bytes, int64_t nb, const Int8Rows& a, int64_t i0,
-              int64_t j0, float* out, int64_t out_stride) {
+template <QuantType T, int MR>
+void int8_dot(const uint8_t* wj, int64_t nb, const Int8Rows& a, int64_t i0, float* out,
+              int64_t out_stride) {
 #if LLM_ENGINE_HAVE_AVX2_PATH
-  if (int8_use_avx2()) return int8_dot_avx2<T, MR, NR>(w, row_bytes, nb, a, i0, j0, out, out_stride);
+  if (int8_use_avx2()) return int8_dot_avx2<T, MR>(wj, nb, a, i0, out, out_stride);
 #endif
-  int8_dot_generic<T, MR, NR>(w, row_bytes, nb, a, i0, j0, out, out_stride);
+  int8_dot_generic<T, MR>(wj, nb, a, i0, out, out_stride);
 }
 
-// x rows i0 .. m - 1 (fewer than kRowTile) against weight row j.
+// x (m, k) rounded per block into the layout the kernels read.
 template <QuantType T>
-void int8_dot_rest(const uint8_t* w, int64_t row_bytes, int64_t nb, const Int8Rows& a, int64_t i,
-                   int64_t m, int64_t j, float* out, int64_t out_stride) {
-  switch (m - i) {
-    case 3: return int8_dot<T, 3, 1>(w, row_bytes, nb, a, i, j, out, out_stride);
-    case 2: return int8_dot<T, 2, 1>(w, row_bytes, nb, a, i, j, out, out_stride);
-    case 1: return int8_dot<T, 1, 1>(w, row_bytes, nb, a, i, j, out, out_stride);
-    default: return;
+Int8Rows quantize_rows(const float* x, int64_t m, int64_t k) {
+  const int64_t nb = k / kQ;
+  Int8Rows a;
+  a.q.assign(m * row_levels<T>(nb), 0);
+  a.d.resize(m * nb);
+  if constexpr (T == QuantType::kQ4_1) a.s.resize(m * nb);
+  if constexpr (T == QuantType::kQ4_0) a.sum.resize(m * nb);
+  int8_t levels[kQ];
+  for (int64_t i = 0; i < m; ++i) {
+    int8_t* row = a.q.data() + i * row_levels<T>(nb);
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t xb = i * nb + b;
+      int32_t sum;
+      quantize_block32(x + xb * kQ, levels, &a.d[xb], &sum);
+      if constexpr (T == QuantType::kQ4_1) a.s[xb] = a.d[xb] * static_cast<float>(sum);
+      if constexpr (T == QuantType::kQ4_0) a.sum[xb] = sum;
+      std::memcpy(row + level_at<T>(b, 0), levels, 16);
+      std::memcpy(row + level_at<T>(b, 16), levels + 16, 16);
+    }
   }
+  return a;
 }
 
-constexpr int kColTile = 4;  // weight rows per pass for a single x row
+// x rows per pass over a weight row: more keep too many vectors live for AVX2's 16.
+constexpr int kInt8RowTile = 2;
 
 template <QuantType T>
 void matmul_int8_blocks32(float* out, int64_t out_stride, const float* x, const uint8_t* w,
                           int64_t m, int64_t n, int64_t k, [[maybe_unused]] int num_threads) {
   const int64_t nb = k / kQ;
-  Int8Rows a;
-  a.q.resize(m * k);
-  a.d.resize(m * nb);
-  if constexpr (T == QuantType::kQ4_1) a.s.resize(m * nb);
-  for (int64_t i = 0; i < m * nb; ++i) {
-    int32_t sum;
-    quantize_block32(x + i * kQ, a.q.data() + i * kQ, &a.d[i], &sum);
-    if constexpr (T == QuantType::kQ4_1) a.s[i] = a.d[i] * static_cast<float>(sum);
-  }
+  const Int8Rows a = quantize_rows<T>(x, m, k);
   const int64_t row_bytes = nb * block_bytes<T>();
-  if (m == 1) {
-    const int64_t tiles = (n + kColTile - 1) / kColTile;
-#pragma omp parallel for if (n * k >= kMinParallelWork) num_threads(num_threads) schedule(static)
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t j0 = t * kColTile;
-      if (j0 + kColTile <= n) {
-        int8_dot<T, 1, kColTile>(w, row_bytes, nb, a, 0, j0, out, out_stride);
-      } else {
-        for (int64_t j = j0; j < n; ++j) int8_dot<T, 1, 1>(w, row_bytes, nb, a, 0, j, out, out_stride);
-      }
-    }
-    return;
-  }
 #pragma omp parallel for if (m * n * k >= kMinParallelWork) num_threads(num_threads) \
     schedule(static)
   for (int64_t j = 0; j < n; ++j) {
+    const uint8_t* wj = w + j * row_bytes;
+    float* oj = out + j;
     int64_t i = 0;
-    for (; i + kRowTile <= m; i += kRowTile) {
-      int8_dot<T, kRowTile, 1>(w, row_bytes, nb, a, i, j, out, out_stride);
+    for (; i + kInt8RowTile <= m; i += kInt8RowTile) {
+      int8_dot<T, kInt8RowTile>(wj, nb, a, i, oj, out_stride);
     }
-    int8_dot_rest<T>(w, row_bytes, nb, a, i, m, j, out, out_stride);
+    for (; i < m; ++i) int8_dot<T, 1>(wj, nb, a, i, oj, out_stride);
+  }
+}
+
+// The 32-value block types' matmul (kInt8: with x rounded to int8) for `type`; false,
+// having done nothing, for the K-quants.
+template <bool kInt8>
+bool matmul_blocks32_of(QuantType type, float* out, int64_t out_stride, const float* x,
+                        const uint8_t* w, int64_t m, int64_t n, int64_t k, int num_threads) {
+  const auto run = [&](auto tag) {
+    constexpr QuantType T = decltype(tag)::value;
+    if constexpr (kInt8) {
+      matmul_int8_blocks32<T>(out, out_stride, x, w, m, n, k, num_threads);
+    } else {
+      matmul_blocks32<T>(out, out_stride, x, w, m, n, k, num_threads);
+    }
+    return true;
+  };
+  switch (type) {
+    case QuantType::kQ8_0: return run(std::integral_constant<QuantType, QuantType::kQ8_0>{});
+    case QuantType::kQ4_0: return run(std::integral_constant<QuantType, QuantType::kQ4_0>{});
+    case QuantType::kQ4_1: return run(std::integral_constant<QuantType, QuantType::kQ4_1>{});
+    default: return false;
   }
 }
 
@@ -616,15 +746,8 @@ bool quant_matmul_int8_supported(QuantType type) {
 void quant_matmul_int8(float* out, int64_t out_stride, const float* x, const uint8_t* w,
                        QuantType type, int64_t m, int64_t n, int64_t k, int num_threads) {
   if (m == 0 || n == 0) return;
-  switch (type) {
-    case QuantType::kQ8_0:
-      return matmul_int8_blocks32<QuantType::kQ8_0>(out, out_stride, x, w, m, n, k, num_threads);
-    case QuantType::kQ4_0:
-      return matmul_int8_blocks32<QuantType::kQ4_0>(out, out_stride, x, w, m, n, k, num_threads);
-    case QuantType::kQ4_1:
-      return matmul_int8_blocks32<QuantType::kQ4_1>(out, out_stride, x, w, m, n, k, num_threads);
-    default:
-      throw std::invalid_argument("quant_matmul_int8 does not take this quantization type");
+  if (!matmul_blocks32_of<true>(type, out, out_stride, x, w, m, n, k, num_threads)) {
+    throw std::invalid_argument("quant_matmul_int8 does not take this quantization type");
   }
 }
 
@@ -665,15 +788,8 @@ void quant_dequantize(float* out, const uint8_t* blocks, QuantType type, int64_t
 void quant_matmul(float* out, int64_t out_stride, const float* x, const uint8_t* w,
                   QuantType type, int64_t m, int64_t n, int64_t k, int num_threads) {
   if (m == 0 || n == 0) return;
-  switch (type) {
-    case QuantType::kQ8_0:
-      return matmul_blocks32<QuantType::kQ8_0>(out, out_stride, x, w, m, n, k, num_threads);
-    case QuantType::kQ4_0:
-      return matmul_blocks32<QuantType::kQ4_0>(out, out_stride, x, w, m, n, k, num_threads);
-    case QuantType::kQ4_1:
-      return matmul_blocks32<QuantType::kQ4_1>(out, out_stride, x, w, m, n, k, num_threads);
-    default:
-      return matmul_kquant(out, out_stride, x, w, type, m, n, k, num_threads);
+  if (!matmul_blocks32_of<false>(type, out, out_stride, x, w, m, n, k, num_threads)) {
+    matmul_kquant(out, out_stride, x, w, type, m, n, k, num_threads);
   }
 }
 

@@ -9,11 +9,11 @@
 //   and scaled once per block. A row's result moves smoothly with its input.
 // - quant_matmul_int8 rounds each x row to int8 per 32-value block first, as llama.cpp
 //   does (its Q8_0 / Q8_1 activations), then takes integer dot products (AVX2 maddubs +
-//   madd) and one fma per block with the product of the two scales: several times fewer
-//   instructions per weight, at the cost of x's rounding (at most half a step, max|x| /
-//   254, per value). Its AVX2 and plain C++ paths agree bit for bit; setting
-//   LLM_ENGINE_QUANT_GENERIC in the environment before the first call forces the plain
-//   one (for tests).
+//   madd) and one fma per block with the product of the two scales: fewer instructions
+//   per weight, at the cost of x's rounding (at most half a step, max|x| / 254, per
+//   value), which makes a result jump with tiny changes of x. Its AVX2 and plain C++
+//   paths agree bit for bit; setting LLM_ENGINE_QUANT_GENERIC in the environment before
+//   the first call forces the plain one (for tests).
 // The K-quants expand each 256-value super-block to fp32 on the stack and take fp32 dot
 // products with the x rows.
 //

@@ -8,13 +8,15 @@ Cases
 - ``decode-bs1``: greedy decode tokens/s, ``(new - 1) / (t(new) - t(1))`` for both.
 - ``prefill-1000``: a 1,000-token prompt, prompt tokens/s (ours: the prompt and one
   new token; llama.cpp: ``eval`` of the prompt).
-- ``peak-rss``: peak resident memory (MB) of a fresh process that loads the model and
-  decodes 16 tokens, for each, measured in subprocesses.
+- ``peak-rss``: peak resident memory (MB, the kernel's ``VmHWM``: ``ru_maxrss`` would
+  count the forked parent's pages) of a fresh process that loads the model and decodes
+  16 tokens, for each, measured in subprocesses.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -28,7 +30,7 @@ SUITE = "generate"
 IMPL = "llama.cpp"
 INSTALL = "pip install llama-cpp-python"
 _RSS_SCRIPT = r"""
-import json, resource, sys
+import json, sys
 impl, path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if impl == "ours":
     import torch
@@ -41,7 +43,8 @@ else:
     from llama_cpp import Llama
     llm = Llama(model_path=path, n_threads=threads, n_ctx=2048, verbose=False)
     llm("Hello, my name is", max_tokens=16, temperature=0)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps(int(status["VmHWM"].split()[0]) * 1024))
 """
 
 
@@ -121,7 +124,9 @@ def rows(llm, peer, gguf_path: str, prompt_ids: list[int], new: int, repeats: in
     for n in (1, new):
         for name, fn in ((OURS, ours_gen), (IMPL, peer_gen)):
             times[name, n] = _best(lambda fn=fn, n=n: fn(n, prompt_ids), repeats)
-    rate = {k: (new - 1) / max(times[k, new] - times[k, 1], 1e-9) for k in (OURS, IMPL)}
+    # A machine busy with other work can make t(1) no shorter than t(new): no rate then.
+    rate = {k: (new - 1) / (times[k, new] - times[k, 1]) if times[k, new] > times[k, 1]
+            else float("nan") for k in (OURS, IMPL)}
     same = ours_gen(new, prompt_ids) == peer_gen(new, prompt_ids)
     version = getattr(llama_cpp, "__version__", "?")
     weight_bytes = sum(b.numel() for b in llm.model.buffers()) + sum(
@@ -130,11 +135,14 @@ def rows(llm, peer, gguf_path: str, prompt_ids: list[int], new: int, repeats: in
     def bw(tok_s: float) -> float:
         return tok_s * weight_bytes / (ceilings.bandwidth_gbps * 1e9)
 
+    ratio = rate[OURS] / rate[IMPL]
     params = {"batch": 1, "new_tokens": new, "prompt_tokens": len(prompt_ids), "threads": threads}
     out = [
         Row(SUITE, "decode-bs1", f"{OURS}-quantized", "tok/s", rate[OURS],
             ms=times[OURS, new] * 1e3, ceiling_frac=bw(rate[OURS]),
-            note=f"{rate[OURS] / rate[IMPL]:.2f}x llama.cpp; same greedy tokens: {same}",
+            note=(f"{ratio:.2f}x llama.cpp" if math.isfinite(ratio)
+                  else "no rate: t(1) >= t(new) on a busy machine")
+            + f"; same greedy tokens: {same}",
             params=params),
         Row(SUITE, "decode-bs1", IMPL, "tok/s", rate[IMPL], ms=times[IMPL, new] * 1e3,
             ceiling_frac=bw(rate[IMPL]), note=f"llama-cpp-python {version}, same file",

@@ -7,7 +7,9 @@ Shapes: SmolLM2-135M's fused up projection (3072 x 576), its down projection
   as in the SmolLM2 GGUF): the C++ kernel below ``ops.QUANT_GEMM_MIN_ROWS`` rows, tiles
   dequantized into oneDNN's GEMM from there; ``fp32-packed`` is the same product on the
   dequantized fp32 weight through oneDNN with a packed weight (what the fp32 engine
-  runs); ``torch`` dequantizes then matmuls (the reference).
+  runs); ``int8`` is ``quantized_linear=int8`` (forced, every row count: x rounded to
+  int8 per 32-block as llama.cpp does, then integer dot products; its ``rel_err``
+  includes that rounding); ``torch`` dequantizes then matmuls (the reference).
 - CUDA: ``llm_engine`` is the Triton weight-only GEMM (``kernels/quant_matmul.py``,
   int4 body / int8 head, groups of 32, fp16 activations); ``torch`` dequantizes then
   runs cuBLAS.
@@ -37,6 +39,7 @@ def _cpu_rows(quick: bool, ceilings: Ceilings) -> Iterator[Row]:
     from llm_engine import ops
     from llm_engine.quant import quantize
 
+    int8 = ops.registry().implementation("quantized_linear", "int8")
     gen = torch.Generator().manual_seed(0)
     for name, n, k, qtype in SHAPES:
         qw = quantize(torch.randn(n, k, generator=gen) * 0.05, qtype)
@@ -48,6 +51,8 @@ def _cpu_rows(quick: bool, ceilings: Ceilings) -> Iterator[Row]:
             params = {"rows": rows, "n": n, "k": k}
             impls = ((OURS, lambda x=x, qw=qw: ops.linear(x, qw), qw.blocks.numel(),
                       f"{qtype} blocks"),
+                     ("int8", lambda x=x, qw=qw: int8(x, qw), qw.blocks.numel(),
+                      f"{qtype} blocks, x rounded to int8 per 32"),
                      ("fp32-packed", lambda x=x, w=w, p=packed: ops.linear(x, w, packed=p),
                       w.numel() * 4, "oneDNN on the packed dequantized weight"),
                      ("torch", lambda x=x, qw=qw: ops.quantized_linear_reference(x, qw),

@@ -183,11 +183,13 @@ class Scheduler:
                 items.append((seq, seq.num_computed_tokens, seq.num_computed_tokens + take))
                 budget -= take
 
-        # 3. Admit waiting sequences while tokens, sequence slots and blocks allow.
+        # 3. Admit waiting sequences while tokens, sequence slots and blocks allow. A
+        # request not forked yet holds the slots of all n of its sequences.
+        occupied = sum(self._slots(seq) for seq in self.running) if self.waiting else 0
         while self.waiting and budget > 0 and not victims:
             seq = self.waiting[0]
-            slots = 1 if seq.request.forked else seq.params.n
-            if self.running and len(self.running) + slots > self.max_num_seqs:
+            slots = self._slots(seq)
+            if self.running and occupied + slots > self.max_num_seqs:
                 break
             if not self.block_manager.can_allocate_tokens(seq.token_ids):
                 break
@@ -199,6 +201,7 @@ class Scheduler:
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.num_cached_tokens = cached
             self.running.append(seq)
+            occupied += slots
             take = min(seq.num_tokens - cached, budget)
             items.append((seq, cached, cached + take))
             budget -= take
@@ -218,6 +221,11 @@ class Scheduler:
             sample=ends == totals,
             copies=self.block_manager.take_pending_copies(),
         )
+
+    @staticmethod
+    def _slots(seq: Sequence) -> int:
+        """The sequence slots ``seq`` takes: its request's ``n`` until the fork."""
+        return 1 if seq.request.forked else seq.params.n
 
     def _reserve_decode_slots(self) -> list[Sequence]:
         """Give the block manager the newest token of every decoding sequence (the token

@@ -5,23 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llm_engine.ops import onednn
 from llm_engine.ops.common import never, rowwise
 from llm_engine.ops.dispatch import Needs, Op, registry, tensor_facts
+from llm_engine.ops.quantized import quantized_linear
 from llm_engine.quant import QuantizedWeight
-
-# oneDNN's linear op and its weight packing, resolved once (they are on the hot path:
-# every projection of every layer); None where this PyTorch build lacks them.
-_LINEAR_POINTWISE = (torch.ops.mkldnn._linear_pointwise.default
-                     if torch.backends.mkldnn.is_available()
-                     and hasattr(torch.ops.mkldnn, "_linear_pointwise") else None)
-_REORDER_WEIGHT = (torch.ops.mkldnn._reorder_linear_weight.default
-                   if _LINEAR_POINTWISE is not None
-                   and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") else None)
-# bf16 only where this CPU has oneDNN's bf16 support (AVX-512 BF16 or AMX); without it
-# the bf16 primitive cannot be created.
-_ONEDNN_DTYPES = (torch.float32,) + (
-    (torch.bfloat16,) if _LINEAR_POINTWISE is not None
-    and torch.ops.mkldnn._is_mkldnn_bf16_supported() else ())
 
 
 class PackedWeight:
@@ -47,24 +35,19 @@ class PackedWeight:
         """The packed copy of ``weight (out, in)``, or ``weight`` itself where oneDNN
         cannot pack it (not a float32 CPU tensor, or no oneDNN packing in this build)
         or where changes to it cannot be seen (an inference-mode tensor has no version)."""
-        if (_REORDER_WEIGHT is None or weight.device.type != "cpu" or weight.dtype != torch.float32
+        if (onednn.REORDER_WEIGHT is None or weight.device.type != "cpu" or weight.dtype != torch.float32
                 or weight.dim() != 2 or weight.is_inference()):
             return weight
         src = self._source
         if (src is None or src.data_ptr() != weight.data_ptr() or src.shape != weight.shape
                 or src.stride() != weight.stride() or weight._version != self._version):
             with torch.inference_mode(False), torch.no_grad():
-                self._packed = _REORDER_WEIGHT(weight.detach(), self.ROWS_HINT)
+                self._packed = onednn.REORDER_WEIGHT(weight.detach(), self.ROWS_HINT)
             self._source, self._version = weight.detach(), weight._version
         return self._packed
 
     def __getstate__(self) -> dict:
         return {"_source": None, "_version": -1, "_packed": None}  # a copy packs anew
-
-
-def _onednn_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` by oneDNN; has no autograd of its own."""
-    return _LINEAR_POINTWISE(x, weight, bias, "none", [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -75,14 +58,14 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn_mm(x, weight, bias)
+        return onednn.mm(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight = ctx.saved_tensors
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-        dx = _onednn_mm(dy, weight.t(), None) if ctx.needs_input_grad[0] else None
-        dw = _onednn_mm(dy2.t(), x2.t(), None) if ctx.needs_input_grad[1] else None
+        dx = onednn.mm(dy, weight.t(), None) if ctx.needs_input_grad[0] else None
+        dw = onednn.mm(dy2.t(), x2.t(), None) if ctx.needs_input_grad[1] else None
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 
@@ -90,9 +73,7 @@ class _OneDNNLinear(torch.autograd.Function):
 def _signature(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                packed: PackedWeight | None = None) -> tuple:
     return (*tensor_facts("linear", x, weight, bias),
-            weight.dim() == 2 and x.dim() >= 2 and x.numel() > 0,
-            _LINEAR_POINTWISE is not None and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu"))
+            weight.dim() == 2 and x.dim() >= 2 and x.numel() > 0, onednn.usable())
 
 
 LINEAR = registry().add(Op("linear", _signature, {
@@ -114,22 +95,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     goes to :func:`llm_engine.ops.quantized_linear`.
     """
     if isinstance(weight, QuantizedWeight):
-        from llm_engine.ops.quantized import quantized_linear  # it imports this module
-
         return quantized_linear(x, weight, bias)
     return LINEAR.pick(x, weight, bias, packed)(x, weight, bias, packed)
-
-
-def _bucket_rows(rows: int) -> int:
-    """``rows`` rounded up to one of 8 steps per power of two (exact up to 16): at most
-    1/8 more rows, and 88 row counts up to 8192. oneDNN keeps a primitive for each
-    shape it meets (in two caches of up to 1024 each), so an engine whose batches take
-    every row count from 1 to thousands would otherwise grow its memory with each new
-    batch size until those caches are full."""
-    if rows <= 16:
-        return rows
-    step = 1 << (rows.bit_length() - 4)
-    return -(-rows // step) * step
 
 
 def _linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -138,14 +105,7 @@ def _linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return _OneDNNLinear.apply(x, weight, bias)
     if packed is not None:
         weight = packed.get(weight)
-    x2 = x.reshape(-1, x.shape[-1])
-    rows = _bucket_rows(x2.shape[0])
-    if rows == x2.shape[0]:
-        return _onednn_mm(x, weight, bias)
-    padded = x2.new_empty((rows, x2.shape[1]))
-    padded[:x2.shape[0]] = x2
-    padded[x2.shape[0]:] = 0
-    return _onednn_mm(padded, weight, bias)[:x2.shape[0]].view(*x.shape[:-1], -1)
+    return onednn.mm_bucketed(x, weight, bias)
 
 
 def _linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -154,7 +114,7 @@ def _linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 LINEAR.register("onednn", _linear_onednn,
-                Needs(devices=("cpu",), dtypes=_ONEDNN_DTYPES,
+                Needs(devices=("cpu",), dtypes=onednn.ONEDNN_DTYPES,
                       facts=("matrix", "onednn")),
                 "oneDNN matmul (packed weights in inference), its own backward")
 LINEAR.register("reference", _linear_torch, Needs(), "F.linear (MKL on CPU, cuBLAS on CUDA)")

@@ -6,13 +6,21 @@ Implementations of ``quantized_linear``, in preference order:
   prefill): the weight dequantized tile by tile (at most ``_QUANT_TILE`` floats) into a
   scratch buffer by ``_C.quant_dequantize``, then oneDNN's fp32 GEMM;
 - ``cpp``: CPU fp32 inference: ``_C.quant_matmul`` reads the blocks directly;
+- ``int8``: CPU fp32 inference on Q8_0 / Q4_0 / Q4_1 weights (:data:`INT8_TYPES`), only
+  when forced (``ops.use(quantized_linear="int8")``, ``--backend quantized_linear=int8``):
+  activations rounded to int8 per 32-block as llama.cpp does (:func:`int8_rounded`), then
+  integer dot products with the blocks (``_C.quant_matmul(..., int8_activations=True)``);
 - ``triton``: CUDA (the default there; CPU tensors under ``TRITON_INTERPRET=1``) without
   grad, Q8_0 / Q4_0 / Q4_1 weights: the weight-only GEMM of ``kernels/quant_matmul.py``
   on the weight repacked once into its layout (:func:`group_layout`);
 - ``reference``: dequantize, then ``F.linear`` (other types and dtypes, autograd for ``x``).
 
-Both CPU routes keep ``x`` in fp32, so a row's result differs between them only by the
-order of its sums.
+``onednn`` and ``cpp`` keep ``x`` in fp32, so a row's result differs between them only by
+the order of its sums. ``int8`` is not a default: the rounding makes a result jump with
+tiny changes of its input, so the ~1e-7 differences between routes (which change at
+:data:`QUANT_GEMM_MIN_ROWS` rows) grow into different greedy tokens, and a row's tokens
+would depend on the batch it shares. Forced, it takes every row count (bit for bit the
+same result for a row whatever the batch).
 """
 
 from __future__ import annotations
@@ -22,15 +30,17 @@ import torch.nn.functional as F
 
 from llm_engine import _C
 from llm_engine.kernels import quant_matmul as quant_kernels
+from llm_engine.ops import onednn
 from llm_engine.ops.common import ANY, as_rows, cpp_needs, on_cuda, triton_needs
 from llm_engine.ops.dispatch import Op, registry, tensor_facts
-from llm_engine.ops.matmul import _LINEAR_POINTWISE, _onednn_mm
-from llm_engine.quant import QuantizedWeight
+from llm_engine.quant import QUANT_TYPES, QuantizedWeight
 
 # From this many rows on, the CPU dequantizes tiles and runs oneDNN's GEMM, compute-bound
 # there; below, the C++ kernel reads the quantized blocks (``llm-engine bench quant``).
 QUANT_GEMM_MIN_ROWS = 64
 _QUANT_TILE = 1 << 21
+# Weight types the int8-activation kernel takes.
+INT8_TYPES = frozenset(t for t in QUANT_TYPES if _C.quant_matmul_int8_supported(t))
 
 
 def _signature(x: torch.Tensor, weight: QuantizedWeight,
@@ -38,15 +48,16 @@ def _signature(x: torch.Tensor, weight: QuantizedWeight,
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
     return (*tensor_facts("quantized_linear", x, bias),
             weight.blocks.is_cpu and (bias is None or bias.shape == (weight.out_features,)),
-            rows >= QUANT_GEMM_MIN_ROWS and _LINEAR_POINTWISE is not None
-            and torch.backends.mkldnn.enabled,
-            weight.qtype in GROUP_TYPES and weight.blocks.device == x.device)
+            rows >= QUANT_GEMM_MIN_ROWS and onednn.usable(),
+            weight.qtype in GROUP_TYPES and weight.blocks.device == x.device,
+            weight.qtype in INT8_TYPES)
 
 
 QUANTIZED_LINEAR = registry().add(Op("quantized_linear", _signature, {
     "blocks": "the weight's blocks on the CPU, bias (out,) or None",
-    "many_rows": f"at least {QUANT_GEMM_MIN_ROWS} rows, oneDNN enabled",
+    "many_rows": f"at least {QUANT_GEMM_MIN_ROWS} rows, oneDNN usable (enabled, no CPU autocast)",
     "group_type": "q8_0/q4_0/q4_1 blocks on x's device",
+    "int8_type": "/".join(sorted(INT8_TYPES)) + " weights",
 }, "x @ W.T + bias, W quantized"))
 
 
@@ -73,7 +84,7 @@ def _quantized_linear_onednn(x: torch.Tensor, weight: QuantizedWeight,
         b = min(n, a + tile)
         w = scratch[:b - a]
         _C.quant_dequantize(w.numpy(), weight.blocks[a:b].numpy(), weight.qtype, threads)
-        y = _onednn_mm(x2, w, None if bias is None else bias[a:b])
+        y = onednn.mm_bucketed(x2, w, None if bias is None else bias[a:b])
         if out is None:
             out = y
         else:
@@ -82,14 +93,33 @@ def _quantized_linear_onednn(x: torch.Tensor, weight: QuantizedWeight,
 
 
 def _quantized_linear_cpp(x: torch.Tensor, weight: QuantizedWeight,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
+                          bias: torch.Tensor | None = None, int8: bool = False) -> torch.Tensor:
     x2 = as_rows(x)
     out = x2.new_empty(x2.shape[0], weight.out_features)
     _C.quant_matmul(out.numpy(), x2.numpy(), weight.blocks.numpy(), weight.qtype,
-                    torch.get_num_threads())
+                    torch.get_num_threads(), int8_activations=int8)
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], weight.out_features)
+
+
+def _quantized_linear_int8(x: torch.Tensor, weight: QuantizedWeight,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _quantized_linear_cpp(x, weight, bias, int8=True)
+
+
+def int8_rounded(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """``x (..., k)`` as the ``int8`` route sees it, in ``x``'s dtype: each block of
+    ``block`` values along the last axis rounded to ``q * d`` with ``d = max|x| / 127``
+    and ``q = round(x / d)`` to nearest, ties away from zero (``q`` in [-127, 127])."""
+    if x.shape[-1] % block:
+        raise ValueError(f"x's last dimension must be a multiple of {block}, got {x.shape[-1]}")
+    xb = x.reshape(*x.shape[:-1], -1, block)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    v = xb * torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    t = v.trunc()
+    q = t + ((v - t).abs() >= 0.5) * v.sign()
+    return (q * d).reshape(x.shape)
 
 
 # The types whose blocks are one scale (and offset) per 32 levels: the Triton GEMM's layout.
@@ -159,5 +189,9 @@ QUANTIZED_LINEAR.register("onednn", _quantized_linear_onednn,
                           "dequantized tiles (_C.quant_dequantize) into oneDNN's fp32 GEMM")
 QUANTIZED_LINEAR.register("cpp", _quantized_linear_cpp, cpp_needs(("blocks",)),
                           "C++ CPU kernel on the blocks (_C.quant_matmul)")
+QUANTIZED_LINEAR.register("int8", _quantized_linear_int8, cpp_needs(("blocks", "int8_type")),
+                          "C++ CPU kernel, x rounded to int8 per 32-block as llama.cpp does "
+                          "(_C.quant_matmul(..., int8_activations=True)); only when forced",
+                          auto=lambda sig: False)
 QUANTIZED_LINEAR.register("reference", quantized_linear_reference, ANY,
                           "dequantize, then F.linear")
