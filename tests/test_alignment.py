@@ -16,7 +16,7 @@ from llm_engine.model import Transformer
 from llm_engine.training import data as data_lib
 from llm_engine.training import demo_data
 from llm_engine.training import preferences as pref
-from llm_engine.training.alignment import AlignConfig, freeze_bottom, load_reward
+from llm_engine.training.alignment import AlignConfig, freeze_bottom
 from llm_engine.training.dpo import build_dpo_trainer
 from llm_engine.training.grpo import build_grpo_trainer
 from llm_engine.training.losses import (
@@ -27,7 +27,7 @@ from llm_engine.training.losses import (
     kl_estimate,
     token_logprobs,
 )
-from llm_engine.training.reward_model import RewardModel, RewardTrainer, build_reward_trainer
+from llm_engine.training.reward_model import RewardModel, RewardTrainer, build_reward_trainer, load_reward
 
 TINY = dict(arch="llama", vocab_size=320, hidden_size=32, num_layers=2, num_heads=4,
             num_kv_heads=2, intermediate_size=64, max_position_embeddings=256)

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from llm_engine.training import preferences as pref
-from llm_engine.training.alignment import AlignConfig, freeze_bottom, load_reward, resolve_demo
+from llm_engine.training.alignment import AlignConfig, freeze_bottom, resolve_demo
 from llm_engine.training.presets import get_preset
+from llm_engine.training.reward_model import load_reward
 from llm_engine.training.trainer import init_distributed
 
 

@@ -9,7 +9,6 @@ method supplies ``train_step`` and ``evaluate``. Alignment runs in one process.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import time
@@ -114,30 +113,6 @@ def resolve_demo(source: str | None, key: str, out_dir: str) -> str | None:
     from llm_engine.training.demo_data import write_demo
 
     return str(write_demo(Path(out_dir) / "demo")[key])
-
-
-def load_reward(spec: str, device: torch.device | str = "cpu") -> RewardFn:
-    """The reward ``function(prompts, responses) -> list[float]`` that ``spec`` names:
-    ``python:module:function`` (imported) or ``rm:CHECKPOINT_DIR`` (a trained reward
-    model, scoring in batches)."""
-    kind, _, rest = spec.partition(":")
-    if kind == "python":
-        module, _, name = rest.rpartition(":")
-        if not module or not name:
-            raise ValueError(f"reward {spec!r}: expected python:module:function")
-        try:
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"reward {spec!r}: cannot import {module}:{name}: {e}") from None
-        if not callable(fn):
-            raise ValueError(f"reward {spec!r}: {module}:{name} is not callable")
-        return fn
-    if kind == "rm" and rest:
-        from llm_engine.training.reward_model import RewardModel
-
-        model = RewardModel.load(rest, device=device)
-        return model.score
-    raise ValueError(f"reward must be rm:CHECKPOINT_DIR or python:module:function, got {spec!r}")
 
 
 def checked_rewards(fn: RewardFn, prompts: list, responses: list[str]) -> list[float]:

@@ -8,6 +8,7 @@ A reward-model checkpoint is a model checkpoint (``load_model`` reads its backbo
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import time
@@ -23,7 +24,7 @@ from llm_engine.model import Transformer
 from llm_engine.tokenizer import Tokenizer
 from llm_engine.training import data as data_lib
 from llm_engine.training import preferences as pref
-from llm_engine.training.alignment import AlignConfig, AlignTrainer
+from llm_engine.training.alignment import AlignConfig, AlignTrainer, RewardFn
 from llm_engine.training.checkpoint import latest_checkpoint
 from llm_engine.training.losses import bradley_terry_loss
 
@@ -187,3 +188,25 @@ def build_reward_trainer(cfg: AlignConfig, backbone: Transformer, tokenizer: Tok
     return RewardTrainer(cfg, model, tokenizer,
                          pref.build_pair_examples(train, tokenizer, cfg.max_len),
                          pref.build_pair_examples(val, tokenizer, cfg.max_len), device=device)
+
+
+def load_reward(spec: str, device: torch.device | str = "cpu") -> RewardFn:
+    """The reward ``function(prompts, responses) -> list[float]`` that ``spec`` names:
+    ``python:module:function`` (imported) or ``rm:CHECKPOINT_DIR`` (a trained reward
+    model, scoring in batches)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "python":
+        module, _, name = rest.rpartition(":")
+        if not module or not name:
+            raise ValueError(f"reward {spec!r}: expected python:module:function")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"reward {spec!r}: cannot import {module}:{name}: {e}") from None
+        if not callable(fn):
+            raise ValueError(f"reward {spec!r}: {module}:{name} is not callable")
+        return fn
+    if kind == "rm" and rest:
+        model = RewardModel.load(rest, device=device)
+        return model.score
+    raise ValueError(f"reward must be rm:CHECKPOINT_DIR or python:module:function, got {spec!r}")
