@@ -92,9 +92,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
              method="dpo", **_CPU_MINUTES, **_DEMO_PAIRS, **_DEMO_ANSWERS, batch_size=4,
              steps=10, lr=2e-5, eval_examples=16, beta=0.1),
     _smollm2("smollm2-grpo", "GRPO of SmolLM2-135M-Instruct with engine rollouts; CPU minutes",
-             method="grpo", **{**_CPU_MINUTES, "warmup_steps": 1}, **_DEMO_ANSWERS,
-             prompts="demo", batch_size=2, group_size=4, max_new_tokens=24, steps=10, lr=2e-5,
-             eval_examples=16, kl_coef=0.04, clip_eps=0.2),
+             method="grpo", **{**_CPU_MINUTES, "warmup_steps": 1, "eval_every": 10},
+             **_DEMO_ANSWERS, prompts="demo", batch_size=2, group_size=8, max_new_tokens=32,
+             steps=30, lr=2e-4, eval_examples=8, kl_coef=0.04, clip_eps=0.2),
 )}
 
 
