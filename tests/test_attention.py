@@ -15,7 +15,7 @@ from llm_engine.kernels.attention import (
     flash_attention,
     flash_attention_varlen,
 )
-from testing_utils import assert_close, interpreter_or_cuda
+from testing_utils import assert_close, interpreter_or_cuda, run_compile_script
 
 DEVICE = interpreter_or_cuda()
 
@@ -317,19 +317,7 @@ for name, fn in (("fwd", A._attn_fwd_kernel), ("dkdv", A._attn_bwd_dkdv_kernel),
 def test_kernels_compile_for_sm90_without_a_gpu():
     # The interpreter accepts some programs the compiler rejects; CI has no GPU, so build the
     # bf16 grouped-query causal kernels for Hopper (sm_90) with Triton's bundled ptxas.
-    import os
-    import subprocess
-    import sys
-
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("this Triton build ships no ptxas")
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["fwd", "ok", "dkdv", "ok", "dq", "ok"]
+    assert run_compile_script(_COMPILE_FOR_SM90) == ["fwd", "ok", "dkdv", "ok", "dq", "ok"]
 
 
 def test_varlen_reference_dense_path_for_equal_lengths_matches_per_sequence() -> None:

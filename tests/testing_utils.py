@@ -90,3 +90,22 @@ def greedy_without_cache(model, ids: list[int], n: int) -> list[int]:
             out.append(int(model.compute_logits(h[-1:]).argmax(-1)))
             ids.append(out[-1])
     return out
+
+
+def run_compile_script(script: str) -> list[str]:
+    """Run ``script`` (it compiles kernels ahead of time for a GPU architecture with
+    Triton's bundled ``ptxas``, no GPU needed) in a fresh interpreter; returns its stdout
+    split into words. Skips where this Triton build ships no ``ptxas``."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this Triton build ships no ptxas")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.split()
