@@ -211,6 +211,7 @@ def decode_layers_reference(x: torch.Tensor, stack: DecoderStack, cos: torch.Ten
 
 
 DECODE_LAYERS.register("cpp", _decode_layers_cpp, cpp_needs(("cpu_stack",)),
-                       "every layer in one C++ call (_C.DecoderStack)")
+                       "every layer in one C++ call (_C.DecoderStack); int8 activations "
+                       "unless quantized_linear is forced to another implementation")
 DECODE_LAYERS.register("reference", decode_layers_reference, ANY,
                        "the per-op path: each layer composed from the ops")
