@@ -240,9 +240,9 @@ def iter_rows(device: str, quick: bool, ceilings: Ceilings,
     backend = ""
     if not cuda:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        backend = ("CPU: fp32 activations, "
-                   + ("the GGUF file's quantized weights through the C++ quantized linear"
-                      if model.quantized else "oneDNN linears on packed weights")
+        backend = ("CPU: " + ("the GGUF file's quantized weights through the C++ quantized "
+                              "linear, int8 activations in decode steps"
+                              if model.quantized else "fp32 oneDNN linears on packed weights")
                    + ", C++ decode attention and layer ops, "
                    f"{torch.get_num_threads()} threads, "
                    f"load average {load:.1f} at start")
