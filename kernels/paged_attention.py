@@ -17,7 +17,8 @@ head_dim)``. A sequence's token at position ``p`` lives in block
   prefill after a prefix-cache hit, and chunked prefill.
 
 Each has a plain-PyTorch reference (``*_reference``, fp32 math) with the same
-signature and semantics; the references are the CPU path of the engine.
+signature and semantics (``reference/paged_attention.py``, re-exported here); the
+references are the CPU path of the engine.
 """
 
 from __future__ import annotations

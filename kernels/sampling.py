@@ -24,7 +24,7 @@ vocabulary is small, as under the interpreter):
    with min-p applied on the fly; the random numbers come from Philox keyed by
    (seed, step, stream, block).
 
-Filter semantics (shared with the references below): scale logits by
+Filter semantics (shared with the references, ``reference/sampling.py``): scale logits by
 ``1/temperature``; top-k keeps the ``k`` largest (ties toward lower token ids,
 so exactly ``k`` survive); top-p keeps the smallest set of most likely top-k
 survivors whose renormalised probability reaches ``p`` (same tie order); min-p
@@ -427,7 +427,6 @@ def _sampling_kernel(
         lse = m_raw + tl.log2(z_raw)
         logprob = (tl.sum(x_tok, axis=1) * _LOG2E - lse) * _LN2
         tl.store(logprobs_ptr + rows, logprob, mask=row_ok)
-
 
 
 # --------------------------------------------------------------------------------------
