@@ -71,10 +71,11 @@ def step_inputs(stack: ops.DecoderStack, lens: list[int], seed: int = 1) -> tupl
     return x, stack, *rope, slots, tables, torch.tensor(lens, dtype=torch.int32)
 
 
-def _run(impl: str, args: tuple) -> tuple:
+def _run(impl: str, args: tuple, linear: str | None = None) -> tuple:
     x, stack, *rest = args
     caches = [(layer.k_cache.clone(), layer.v_cache.clone()) for layer in stack.layers]
-    with torch.inference_mode(), ops.use(decode_layers=impl):
+    forced = {} if linear is None else {"quantized_linear": linear}
+    with torch.inference_mode(), ops.use(decode_layers=impl, **forced):
         out = ops.decode_layers(x.clone(), stack, *rest)
     written = [(layer.k_cache.clone(), layer.v_cache.clone()) for layer in stack.layers]
     for layer, (k, v) in zip(stack.layers, caches, strict=True):
@@ -91,15 +92,38 @@ def _run(impl: str, args: tuple) -> tuple:
     ({"hidden": 256, "inter": 256, "head_dim": 64, "heads": 4, "kv_heads": 2, "layers": 2,
       "qtypes": (("q4_k",), ("q5_k",), ("q6_k",), ("q4_k",))}, [2, 9, 30]),
 ])
-def test_one_call_equals_the_per_op_path(kw, lens) -> None:
+@pytest.mark.parametrize("linear", [None, "cpp"])
+def test_one_call_equals_the_per_op_path(kw, lens, linear) -> None:
+    """Bit for bit, with the decode step's default activations (int8 where the type has
+    the kernel) and with fp32 ones (``quantized_linear=cpp`` forced)."""
     stack = make_stack(**kw)
     args = step_inputs(stack, lens)
-    (out, res), caches = _run("cpp", args)
-    (ref_out, ref_res), ref_caches = _run("reference", args)
+    (out, res), caches = _run("cpp", args, linear)
+    (ref_out, ref_res), ref_caches = _run("reference", args, linear)
     assert torch.equal(out, ref_out) and torch.equal(res, ref_res)
     for (k, v), (rk, rv) in zip(caches, ref_caches, strict=True):
         assert torch.equal(k, rk) and torch.equal(v, rv)
     assert len(stack.native()) == len(stack.layers)
+
+
+def test_decode_steps_take_int8_activations_unless_another_linear_is_forced() -> None:
+    x = torch.randn(3, 64)
+    q41 = quantize(torch.randn(32, 64), "q4_1")
+    q4k = QuantizedWeight("q4_k", torch.from_numpy(random_quant_blocks("q4_k", 32, 256, 0)), 256)
+    assert ops.decode_int8_activations(x, q41)
+    assert not ops.decode_int8_activations(torch.randn(3, 256), q4k)
+    with ops.use(quantized_linear="cpp"):
+        assert not ops.decode_int8_activations(x, q41)
+    with ops.use(quantized_linear="int8"):
+        assert ops.decode_int8_activations(x, q41)
+    stack = make_stack(qtypes=(("q4_1",), ("q4_1",), ("q4_1",), ("q4_1",)))
+    x, stack, *rest = step_inputs(stack, [5, 2])
+    with torch.inference_mode():
+        (default, _), _ = _run("cpp", (x, stack, *rest))
+        (fp32, _), _ = _run("cpp", (x, stack, *rest), "cpp")
+        (int8, _), _ = _run("cpp", (x, stack, *rest), "int8")
+    assert torch.equal(default, int8) and not torch.equal(default, fp32)
+    assert ((default - fp32).norm() / fp32.norm()).item() < 0.05  # the rounding, not garbage
 
 
 def test_a_skipped_slot_writes_nothing() -> None:

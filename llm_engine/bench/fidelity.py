@@ -3,7 +3,10 @@ perplexity, over 1,000 next-token positions of a fixed text, beside llama.cpp's.
 
 The text: CPython's ``pydoc_data.topics`` (the help topics shipped with the
 interpreter), topics in sorted order, its first 1,001 tokens. The same token ids go
-to every model; each predicts positions 1..1000 from the ones before in one forward.
+to every model; each predicts positions 1..1000 from the ones before in one forward
+(the prompt's path). The quantized model also predicts them one decode step at a time
+over its KV cache, the path every generated token takes (with int8 activations unless
+``quantized_linear`` is forced to another implementation).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import numpy as np
 import torch
 
 from llm_engine.bench.common import OURS, Row
+from llm_engine.kv_cache import KVCache
 from llm_engine.model import AttentionMetadata, Transformer
 
 SUITE = "generate"
@@ -32,6 +36,28 @@ def _logits(model: Transformer, ids: list[int]) -> torch.Tensor:
         return model.compute_logits(hidden).float()
 
 
+def _decode_logits(model: Transformer, ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """``(len(ids), vocab)`` fp32 logits, position ``i`` from a decode step of ``ids[i]``
+    over the K/V of ``ids[:i]`` (one sequence in a fresh cache)."""
+    c = model.config
+    cache = KVCache(c.num_layers, c.num_kv_heads, c.head_dim, block_size, dtype=torch.float32,
+                    num_blocks=-(-len(ids) // block_size))
+    caches = [cache.layer(i) for i in range(c.num_layers)]
+    decoder = model.decoder_stack(caches)
+    table = torch.arange(cache.num_blocks, dtype=torch.int32)[None]
+    cu = torch.tensor([0, 1], dtype=torch.int32)
+    out = []
+    with torch.inference_mode():
+        for i, tok in enumerate(ids):
+            attn = AttentionMetadata(cu, cu, 1, i + 1, slot_mapping=torch.tensor([i]),
+                                     block_tables=table,
+                                     context_lens=torch.tensor([i + 1], dtype=torch.int32),
+                                     is_decode=True, has_cached_prefix=True)
+            hidden = model(torch.tensor([tok]), torch.tensor([i]), attn, caches, decoder)
+            out.append(model.compute_logits(hidden).float())
+    return torch.cat(out)
+
+
 def _ppl(logits: torch.Tensor, targets: torch.Tensor) -> float:
     nll = torch.nn.functional.cross_entropy(logits.double(), targets)
     return float(torch.exp(nll))
@@ -46,11 +72,15 @@ def rows(quantized: Transformer, fp32: Transformer, tokenizer, gguf_path: str) -
     params = {"positions": POSITIONS}
     out = [Row(SUITE, CASE, f"{OURS}-fp32", "ppl", _ppl(ref, targets), rel_err=0.0,
                note="the dequantized weights in fp32 (the reference)", params=params)]
-    got = _logits(quantized, inputs)
-    agree = (got.argmax(-1) == ref_top1).float().mean().item()
-    rel = ((got - ref).norm() / ref.norm()).item()
-    out.append(Row(SUITE, CASE, f"{OURS}-quantized", "ppl", _ppl(got, targets), rel_err=rel,
-                   note=f"top-1 agreement with fp32 {agree:.3f}", params=params))
+    for impl, logits, path in (
+            (f"{OURS}-quantized", _decode_logits(quantized, inputs),
+             "decode steps (the path of generated tokens)"),
+            (f"{OURS}-quantized-prompt", _logits(quantized, inputs),
+             "one prompt forward, fp32 activations")):
+        agree = (logits.argmax(-1) == ref_top1).float().mean().item()
+        rel = ((logits - ref).norm() / ref.norm()).item()
+        out.append(Row(SUITE, CASE, impl, "ppl", _ppl(logits, targets), rel_err=rel,
+                       note=f"top-1 agreement with fp32 {agree:.3f}; {path}", params=params))
     try:
         from llama_cpp import Llama
     except ImportError:

@@ -30,6 +30,7 @@ from llm_engine.ops.attention import (
 from llm_engine.ops.decoder import (
     DecoderLayerWeights,
     DecoderStack,
+    decode_int8_activations,
     decode_layers,
     decode_layers_reference,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "apply_rope_reference",
     "attention_varlen",
     "cross_entropy",
+    "decode_int8_activations",
     "decode_layers",
     "decode_layers_reference",
     "dequantize",

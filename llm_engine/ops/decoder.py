@@ -9,6 +9,15 @@ quantized, ``cpp`` runs all of them in one native call (``_C.DecoderStack``,
 the same results. ``reference`` is that per-op path: each layer composed from the ops
 of this package.
 
+The projections of a decode step take int8 activations (each row rounded to int8 per
+32-value block and integer dot products with the weight blocks, as llama.cpp does;
+``quantized_linear=int8``) unless ``quantized_linear`` is forced to another
+implementation: a decode step reads every weight once per token, and the integer dot
+products read it about twice as fast as expanding each block to fp32. Everything
+else, prefill included, keeps fp32 activations (``quantized_linear``'s own default),
+so a prompt's K/V never depend on how it was batched. ``--backend
+quantized_linear=cpp`` runs decode steps with fp32 activations too.
+
 Implementations, in preference order:
 
 - ``cpp``: fp32 CPU tensors without grad, every projection's blocks on the CPU;
@@ -27,7 +36,7 @@ from llm_engine.ops.common import ANY, cpp_needs
 from llm_engine.ops.dispatch import Op, registry, tensor_facts
 from llm_engine.ops.elementwise import apply_rope, silu_mul
 from llm_engine.ops.norms import rms_norm
-from llm_engine.ops.quantized import quantized_linear
+from llm_engine.ops.quantized import INT8_TYPES, quantized_linear
 from llm_engine.quant import QuantizedWeight
 
 
@@ -132,10 +141,15 @@ def decode_layers(x: torch.Tensor, stack: DecoderStack, cos: torch.Tensor, sin: 
                                         context_lens)
 
 
-def _int8_activations(x: torch.Tensor, weight: QuantizedWeight) -> bool:
-    """Whether ``quantized_linear`` on these rows runs ``int8`` (the fused step then does too)."""
+def decode_int8_activations(x: torch.Tensor, weight: QuantizedWeight) -> bool:
+    """Whether a decode step's projections (``x`` its rows, ``weight`` one of them) take
+    int8 activations: when ``quantized_linear``, left to choose, or forced, would run
+    ``int8`` on them (see the module's docstring)."""
     op = registry().op("quantized_linear")
-    return "int8" in op.impls and op.pick(x, weight) is op.impls["int8"].fn
+    forced = registry().settings().forced.get("quantized_linear")
+    if forced is None and not registry().eligible("quantized_linear", x, weight)["int8"]:
+        return True
+    return op.pick(x, weight) is op.impls["int8"].fn
 
 
 def _decode_layers_cpp(x: torch.Tensor, stack: DecoderStack, cos: torch.Tensor,
@@ -146,15 +160,19 @@ def _decode_layers_cpp(x: torch.Tensor, stack: DecoderStack, cos: torch.Tensor,
     stack.native().forward(out.numpy(), residual.numpy(), cos.contiguous().numpy(),
                            sin.contiguous().numpy(), slot_mapping.contiguous().numpy(),
                            block_tables.contiguous().numpy(), context_lens.contiguous().numpy(),
-                           _int8_activations(out, stack.layers[0].qkv[0]),
+                           decode_int8_activations(out, stack.layers[0].qkv[0]),
                            torch.get_num_threads())
     return out, residual
 
 
-def _project(x: torch.Tensor, parts: list[QuantizedWeight],
-             bias: torch.Tensor | None = None) -> torch.Tensor:
-    out = torch.cat([quantized_linear(x, p) for p in parts], dim=-1) if len(parts) > 1 \
-        else quantized_linear(x, parts[0])
+def _project(x: torch.Tensor, parts: list[QuantizedWeight], bias: torch.Tensor | None,
+             int8: bool) -> torch.Tensor:
+    """``x`` through the parts stacked along the output, each part of :data:`INT8_TYPES`
+    with int8 activations where ``int8`` (the C++ step's choice per part)."""
+    int8_linear = registry().implementation("quantized_linear", "int8")
+    outs = [int8_linear(x, p) if int8 and p.qtype in INT8_TYPES else quantized_linear(x, p)
+            for p in parts]
+    out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
     return out if bias is None else out + bias
 
 
@@ -162,15 +180,22 @@ def decode_layers_reference(x: torch.Tensor, stack: DecoderStack, cos: torch.Ten
                             sin: torch.Tensor, slot_mapping: torch.Tensor,
                             block_tables: torch.Tensor,
                             context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`decode_layers` composed from this package's ops, layer by layer."""
+    """:func:`decode_layers` composed from this package's ops, layer by layer, its
+    projections' activations chosen as ``cpp``'s are (:func:`decode_int8_activations`)."""
     T, H, KV, D = x.shape[0], stack.heads, stack.kv_heads, stack.head_dim
+    int8 = decode_int8_activations(x, stack.layers[0].qkv[0])
+
+    def project(x: torch.Tensor, parts: list[QuantizedWeight],
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _project(x, parts, bias, int8)
+
     residual = None
     for layer in stack.layers:
         if residual is None:
             h, residual = rms_norm(x, layer.attn_norm, stack.eps), x
         else:
             h, residual = rms_norm(x, layer.attn_norm, stack.eps, residual=residual)
-        q, k, v = _project(h, layer.qkv, layer.qkv_bias).split([H * D, KV * D, KV * D], dim=-1)
+        q, k, v = project(h, layer.qkv, layer.qkv_bias).split([H * D, KV * D, KV * D], dim=-1)
         q, k = q.reshape(T, H, D), k.reshape(T, KV, D)
         if layer.q_norm is not None:
             q, k = rms_norm(q, layer.q_norm, stack.eps), rms_norm(k, layer.k_norm, stack.eps)
@@ -179,13 +204,14 @@ def decode_layers_reference(x: torch.Tensor, stack: DecoderStack, cos: torch.Ten
         extra = {} if layer.window is None else {"window": layer.window}
         o = paged_attention(q, layer.k_cache, layer.v_cache, block_tables, context_lens,
                             softmax_scale=stack.scale, **extra)
-        h, residual = rms_norm(_project(o.reshape(T, H * D), layer.o), layer.mlp_norm, stack.eps,
+        h, residual = rms_norm(project(o.reshape(T, H * D), layer.o), layer.mlp_norm, stack.eps,
                                residual=residual)
-        x = _project(silu_mul(_project(h, layer.gate_up)), layer.down)
+        x = project(silu_mul(project(h, layer.gate_up)), layer.down)
     return x, residual
 
 
 DECODE_LAYERS.register("cpp", _decode_layers_cpp, cpp_needs(("cpu_stack",)),
-                       "every layer in one C++ call (_C.DecoderStack)")
+                       "every layer in one C++ call (_C.DecoderStack); int8 activations "
+                       "unless quantized_linear is forced to another implementation")
 DECODE_LAYERS.register("reference", decode_layers_reference, ANY,
                        "the per-op path: each layer composed from the ops")

@@ -7,16 +7,18 @@ Implementations of ``quantized_linear``, in preference order:
   scratch buffer by ``_C.quant_dequantize``, then oneDNN's fp32 GEMM;
 - ``cpp``: CPU fp32 inference: ``_C.quant_matmul`` reads the blocks directly;
 - ``int8``: CPU fp32 inference on Q8_0 / Q4_0 / Q4_1 weights (:data:`INT8_TYPES`), only
-  when forced (``ops.use(quantized_linear="int8")``, ``--backend quantized_linear=int8``):
-  activations rounded to int8 per 32-block as llama.cpp does (:func:`int8_rounded`), then
-  integer dot products with the blocks (``_C.quant_matmul(..., int8_activations=True)``);
+  when forced (``ops.use(quantized_linear="int8")``, ``--backend quantized_linear=int8``)
+  or inside a decode step (:func:`~llm_engine.ops.decode_layers`, which takes it unless
+  another implementation is forced): activations rounded to int8 per 32-block as
+  llama.cpp does (:func:`int8_rounded`), then integer dot products with the blocks
+  (``_C.quant_matmul(..., int8_activations=True)``);
 - ``triton``: CUDA (the default there; CPU tensors under ``TRITON_INTERPRET=1``) without
   grad, Q8_0 / Q4_0 / Q4_1 weights: the weight-only GEMM of ``kernels/quant_matmul.py``
   on the weight repacked once into its layout (:func:`group_layout`);
 - ``reference``: dequantize, then ``F.linear`` (other types and dtypes, autograd for ``x``).
 
 ``onednn`` and ``cpp`` keep ``x`` in fp32, so a row's result differs between them only by
-the order of its sums. ``int8`` is not a default: the rounding makes a result jump with
+the order of its sums. ``int8`` is not a default here: the rounding makes a result jump with
 tiny changes of its input, so the ~1e-7 differences between routes (which change at
 :data:`QUANT_GEMM_MIN_ROWS` rows) grow into different greedy tokens, and a row's tokens
 would depend on the batch it shares. Forced, it takes every row count (bit for bit the
@@ -194,7 +196,7 @@ QUANTIZED_LINEAR.register("cpp", _quantized_linear_cpp, cpp_needs(("blocks",)),
                           "C++ CPU kernel on the blocks (_C.quant_matmul)")
 QUANTIZED_LINEAR.register("int8", _quantized_linear_int8, cpp_needs(("blocks", "int8_type")),
                           "C++ CPU kernel, x rounded to int8 per 32-block as llama.cpp does "
-                          "(_C.quant_matmul(..., int8_activations=True)); only when forced",
+                          "(_C.quant_matmul(..., int8_activations=True)); forced, or in decode_layers",
                           auto=lambda sig: False)
 QUANTIZED_LINEAR.register("reference", quantized_linear_reference, ANY,
                           "dequantize, then F.linear")
