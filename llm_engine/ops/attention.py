@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from llm_engine import _C
 from llm_engine.kernels import check_window, resolve_softmax_scale
-from llm_engine.kernels.reference import attention as attention_reference
-from llm_engine.kernels.reference import paged_attention as paged_reference
+from llm_engine.kernels.reference import attention as attention_ref
+from llm_engine.kernels.reference import paged_attention as paged_ref
 from llm_engine.ops.common import (
     ANY,
     cpp_needs,
@@ -201,26 +201,24 @@ ATTENTION_VARLEN.register("triton", triton_kernel("attention", "flash_attention_
                           auto=on_cuda)
 ATTENTION_VARLEN.register("sdpa", _attention_varlen_sdpa, Needs(facts=("self",)),
                           "F.scaled_dot_product_attention per run of equal lengths")
-ATTENTION_VARLEN.register("reference", attention_reference.attention_varlen_reference, ANY,
+ATTENTION_VARLEN.register("reference", attention_ref.attention_varlen_reference, ANY,
                           "plain PyTorch, materialises the scores")
 STORE_KV_CACHE.register("triton", triton_kernel("paged_attention", "store_kv_cache"),
                         triton_needs(grad=False), "Triton kernel", auto=on_cuda)
 STORE_KV_CACHE.register("cpp", _store_kv_cache_cpp, cpp_needs(("layout",)),
                         "C++ CPU kernel (_C.store_kv)")
-STORE_KV_CACHE.register("reference", paged_reference.store_kv_cache_reference, ANY,
-                        "plain PyTorch")
+STORE_KV_CACHE.register("reference", paged_ref.store_kv_cache_reference, ANY, "plain PyTorch")
 PAGED_ATTENTION.register("triton", triton_kernel("paged_attention", "paged_attention"),
                          triton_needs(grad=False), "Triton split-K decode kernel", auto=on_cuda)
 PAGED_ATTENTION.register("cpp", _paged_attention_cpp, cpp_needs(("layout",)),
                          "C++ CPU kernel (_C.paged_decode_attention), reads the blocks in place")
-PAGED_ATTENTION.register("reference", paged_reference.paged_attention_reference, ANY,
+PAGED_ATTENTION.register("reference", paged_ref.paged_attention_reference, ANY,
                          "plain PyTorch, gathers each context")
 PAGED_PREFILL_ATTENTION.register("triton",
                                  triton_kernel("paged_attention", "paged_prefill_attention"),
                                  triton_needs(grad=False), "Triton kernel", auto=on_cuda)
-PAGED_PREFILL_ATTENTION.register("reference",
-                                 paged_reference.paged_prefill_attention_reference, ANY,
-                                 "plain PyTorch")
+PAGED_PREFILL_ATTENTION.register("reference", paged_ref.paged_prefill_attention_reference,
+                                 ANY, "plain PyTorch")
 
 
 # -- rowwise: one query at a time over exactly its own keys, in position order, whether

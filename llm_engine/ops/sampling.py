@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from llm_engine.kernels.reference import cross_entropy as cross_entropy_reference
-from llm_engine.kernels.reference import sampling as sampling_reference
+from llm_engine.kernels.reference import cross_entropy as cross_entropy_ref
+from llm_engine.kernels.reference import sampling as sampling_ref
 from llm_engine.ops.common import ANY, on_cuda, triton_kernel, triton_needs
 from llm_engine.ops.dispatch import Op, registry, tensor_facts
 
@@ -46,11 +46,10 @@ def cross_entropy(
 
 SAMPLE.register("triton", triton_kernel("sampling", "sample"), triton_needs(grad=True),
                 "Triton rejection sampling over pivots, no sort", auto=on_cuda)
-SAMPLE.register("reference", sampling_reference.sample_reference, ANY,
+SAMPLE.register("reference", sampling_ref.sample_reference, ANY,
                 "plain PyTorch: sort, cumsum, multinomial")
 CROSS_ENTROPY.register("triton", triton_kernel("cross_entropy", "fused_linear_cross_entropy"),
                        triton_needs(grad=True), "Triton row kernel, gradients in the forward",
                        auto=on_cuda)
-CROSS_ENTROPY.register("reference",
-                       cross_entropy_reference.fused_linear_cross_entropy_reference, ANY,
-                       "the same chunks, rows in plain PyTorch")
+CROSS_ENTROPY.register("reference", cross_entropy_ref.fused_linear_cross_entropy_reference,
+                       ANY, "the same chunks, rows in plain PyTorch")
