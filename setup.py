@@ -77,6 +77,7 @@ setup(
     packages=[
         "llm_engine",
         "llm_engine.kernels",
+        "llm_engine.kernels.reference",
         "llm_engine.ops",
         "llm_engine.engine",
         "llm_engine.training",

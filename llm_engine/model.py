@@ -281,15 +281,22 @@ class Block(nn.Module):
         return self.mlp(h), residual
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """An ``nn.Embedding`` whose weight ``reset_parameters`` initialises: the module's own
+    initialisation is skipped, as ``normal_`` on a meta tensor (the loader builds the model
+    on the meta device) imports ``torch._dynamo``, and with it Triton."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class Transformer(nn.Module):
     """Decoder-only transformer; ``config.arch`` picks GPT-2 or Llama flavour."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = _embedding(config.vocab_size, config.hidden_size)
         self.embed_positions = (
-            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            _embedding(config.max_position_embeddings, config.hidden_size)
             if config.arch == "gpt2" else None
         )
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
@@ -317,6 +324,8 @@ class Transformer(nn.Module):
         """GPT-2 initialisation: N(0, 0.02), output projections scaled by 1/sqrt(2·layers)."""
         std = 0.02
         for name, p in self.named_parameters():
+            if p.is_meta:  # built on the meta device to load weights into: no values to set
+                continue
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif p.dim() < 2:

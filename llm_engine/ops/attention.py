@@ -7,10 +7,18 @@ import torch
 import torch.nn.functional as F
 
 from llm_engine import _C
-from llm_engine.kernels import attention as attention_kernels
 from llm_engine.kernels import check_window, resolve_softmax_scale
-from llm_engine.kernels import paged_attention as paged_kernels
-from llm_engine.ops.common import ANY, cpp_needs, never, on_cuda, rows_apart, triton_needs
+from llm_engine.kernels.reference import attention as attention_ref
+from llm_engine.kernels.reference import paged_attention as paged_ref
+from llm_engine.ops.common import (
+    ANY,
+    cpp_needs,
+    never,
+    on_cuda,
+    rows_apart,
+    triton_kernel,
+    triton_needs,
+)
 from llm_engine.ops.dispatch import Needs, Op, registry, tensor_facts
 
 
@@ -188,27 +196,28 @@ def paged_prefill_attention(
               softmax_scale=softmax_scale, **extra)
 
 
-ATTENTION_VARLEN.register("triton", attention_kernels.flash_attention_varlen,
+ATTENTION_VARLEN.register("triton", triton_kernel("attention", "flash_attention_varlen"),
                           triton_needs(grad=True), "Triton flash attention, its own backward",
                           auto=on_cuda)
 ATTENTION_VARLEN.register("sdpa", _attention_varlen_sdpa, Needs(facts=("self",)),
                           "F.scaled_dot_product_attention per run of equal lengths")
-ATTENTION_VARLEN.register("reference", attention_kernels.attention_varlen_reference, ANY,
+ATTENTION_VARLEN.register("reference", attention_ref.attention_varlen_reference, ANY,
                           "plain PyTorch, materialises the scores")
-STORE_KV_CACHE.register("triton", paged_kernels.store_kv_cache, triton_needs(grad=False),
-                        "Triton kernel", auto=on_cuda)
+STORE_KV_CACHE.register("triton", triton_kernel("paged_attention", "store_kv_cache"),
+                        triton_needs(grad=False), "Triton kernel", auto=on_cuda)
 STORE_KV_CACHE.register("cpp", _store_kv_cache_cpp, cpp_needs(("layout",)),
                         "C++ CPU kernel (_C.store_kv)")
-STORE_KV_CACHE.register("reference", paged_kernels.store_kv_cache_reference, ANY, "plain PyTorch")
-PAGED_ATTENTION.register("triton", paged_kernels.paged_attention, triton_needs(grad=False),
-                         "Triton split-K decode kernel", auto=on_cuda)
+STORE_KV_CACHE.register("reference", paged_ref.store_kv_cache_reference, ANY, "plain PyTorch")
+PAGED_ATTENTION.register("triton", triton_kernel("paged_attention", "paged_attention"),
+                         triton_needs(grad=False), "Triton split-K decode kernel", auto=on_cuda)
 PAGED_ATTENTION.register("cpp", _paged_attention_cpp, cpp_needs(("layout",)),
                          "C++ CPU kernel (_C.paged_decode_attention), reads the blocks in place")
-PAGED_ATTENTION.register("reference", paged_kernels.paged_attention_reference, ANY,
+PAGED_ATTENTION.register("reference", paged_ref.paged_attention_reference, ANY,
                          "plain PyTorch, gathers each context")
-PAGED_PREFILL_ATTENTION.register("triton", paged_kernels.paged_prefill_attention,
+PAGED_PREFILL_ATTENTION.register("triton",
+                                 triton_kernel("paged_attention", "paged_prefill_attention"),
                                  triton_needs(grad=False), "Triton kernel", auto=on_cuda)
-PAGED_PREFILL_ATTENTION.register("reference", paged_kernels.paged_prefill_attention_reference,
+PAGED_PREFILL_ATTENTION.register("reference", paged_ref.paged_prefill_attention_reference,
                                  ANY, "plain PyTorch")
 
 

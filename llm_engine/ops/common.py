@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from llm_engine.kernels import interpreting
@@ -19,6 +23,24 @@ def triton_needs(grad: bool, facts: tuple[str, ...] = ()) -> Needs:
     ``grad``: whether the kernel has a backward."""
     return Needs(dtypes=FLOAT_DTYPES, grad=grad, facts=facts, device_ok=_triton_device,
                  device_text="CUDA tensors (CPU ones with TRITON_INTERPRET=1)")
+
+
+def triton_kernel(family: str, name: str) -> Callable[..., Any]:
+    """The Triton launcher ``llm_engine.kernels.<family>.<name>`` as a function that imports
+    its module at its first call: registering the ``triton`` implementations must not
+    import Triton, which a CPU process never runs (and which costs it start-up time and
+    memory)."""
+    kernel: Callable[..., Any] | None = None
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal kernel
+        if kernel is None:
+            kernel = getattr(importlib.import_module(f"llm_engine.kernels.{family}"), name)
+        return kernel(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"``llm_engine.kernels.{family}.{name}``, imported at the first call."
+    return call
 
 
 def on_cuda(sig: Signature) -> bool:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from llm_engine.kernels import moe as moe_kernels
-from llm_engine.ops.common import ANY, on_cuda, triton_needs
+from llm_engine.kernels.reference import moe as moe_ref
+from llm_engine.ops.common import ANY, on_cuda, triton_kernel, triton_needs
 from llm_engine.ops.dispatch import Op, registry, tensor_facts
 
 
@@ -24,7 +24,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int, normalize: bool
     """Top-``top_k`` experts per token of ``router_logits (T, experts)`` by softmax weight:
     ``(weights (T, top_k) fp32, experts (T, top_k) int64)``; ``normalize`` rescales each
     token's weights to sum to 1 (``kernels.moe.route_topk``)."""
-    return moe_kernels.route_topk(router_logits, top_k, normalize)
+    return moe_ref.route_topk(router_logits, top_k, normalize)
 
 
 def moe(x: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
@@ -36,8 +36,8 @@ def moe(x: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor, weights
                                                               experts)
 
 
-MOE.register("triton", moe_kernels.fused_moe, triton_needs(grad=False),
+MOE.register("triton", triton_kernel("moe", "fused_moe"), triton_needs(grad=False),
              "Triton grouped GEMMs over the pairs grouped by expert, SwiGLU and routing "
              "weights fused", auto=on_cuda)
-MOE.register("reference", moe_kernels.moe_reference, ANY,
+MOE.register("reference", moe_ref.moe_reference, ANY,
              "plain PyTorch, one pair of matmuls per expert with tokens")

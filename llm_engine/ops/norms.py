@@ -5,8 +5,17 @@ from __future__ import annotations
 import torch
 
 from llm_engine import _C
-from llm_engine.kernels import layer_norm as norm_kernels
-from llm_engine.ops.common import ANY, as_rows, cpp_needs, never, on_cuda, rowwise, triton_needs
+from llm_engine.kernels.reference import layer_norm as norm_ref
+from llm_engine.ops.common import (
+    ANY,
+    as_rows,
+    cpp_needs,
+    never,
+    on_cuda,
+    rowwise,
+    triton_kernel,
+    triton_needs,
+)
 from llm_engine.ops.dispatch import Op, registry, tensor_facts
 
 
@@ -69,13 +78,13 @@ def _rms_norm_cpp(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out.view(x.shape), res_out.view(x.shape)
 
 
-LAYER_NORM.register("triton", norm_kernels.layer_norm, triton_needs(grad=True),
+LAYER_NORM.register("triton", triton_kernel("layer_norm", "layer_norm"), triton_needs(grad=True),
                     "Triton kernel, fused residual, its own backward", auto=on_cuda)
-LAYER_NORM.register("reference", norm_kernels.layer_norm_reference, ANY, "plain PyTorch")
-RMS_NORM.register("triton", norm_kernels.rms_norm, triton_needs(grad=True),
+LAYER_NORM.register("reference", norm_ref.layer_norm_reference, ANY, "plain PyTorch")
+RMS_NORM.register("triton", triton_kernel("layer_norm", "rms_norm"), triton_needs(grad=True),
                   "Triton kernel, fused residual, its own backward", auto=on_cuda)
 RMS_NORM.register("cpp", _rms_norm_cpp, cpp_needs(("shapes",)), "C++ CPU kernel (_C.rms_norm)")
-RMS_NORM.register("reference", norm_kernels.rms_norm_reference, ANY, "plain PyTorch")
+RMS_NORM.register("reference", norm_ref.rms_norm_reference, ANY, "plain PyTorch")
 
 
 def _norm_rowwise(norm, x: torch.Tensor, residual: torch.Tensor | None, *params):
@@ -91,13 +100,13 @@ def _norm_rowwise(norm, x: torch.Tensor, residual: torch.Tensor | None, *params)
 
 def _rms_norm_rowwise(x: torch.Tensor, weight: torch.Tensor, eps: float,
                       residual: torch.Tensor | None = None):
-    return _norm_rowwise(lambda r, *, residual=None: norm_kernels.rms_norm_reference(
+    return _norm_rowwise(lambda r, *, residual=None: norm_ref.rms_norm_reference(
         r, weight, eps=eps, residual=residual), x, residual)
 
 
 def _layer_norm_rowwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         eps: float, residual: torch.Tensor | None = None):
-    return _norm_rowwise(lambda r, *, residual=None: norm_kernels.layer_norm_reference(
+    return _norm_rowwise(lambda r, *, residual=None: norm_ref.layer_norm_reference(
         r, weight, bias, eps=eps, residual=residual), x, residual)
 
 

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from llm_engine import _C
-from llm_engine.kernels import quant_matmul as quant_kernels
 from llm_engine.ops import onednn
 from llm_engine.ops.common import ANY, as_rows, cpp_needs, on_cuda, triton_needs
 from llm_engine.ops.dispatch import Op, registry, tensor_facts
@@ -139,6 +138,8 @@ def group_layout(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, t
         return layout
     if weight.qtype not in GROUP_TYPES:
         raise ValueError(f"weight.qtype must be one of {GROUP_TYPES}, got {weight.qtype!r}")
+    from llm_engine.kernels.quant_matmul import pack_int4  # imports Triton: not on CPU
+
     n, k = weight.shape
     b = weight.blocks.view(n * k // 32, -1)
     scales = b[:, :2].contiguous().view(torch.float16).view(n, k // 32)
@@ -150,15 +151,17 @@ def group_layout(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, t
         levels = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=1).reshape(n, k)
         offsets = (b[:, 2:4].contiguous().view(torch.float16).view(n, k // 32)
                    if weight.qtype == "q4_1" else scales * -8)
-        layout = (quant_kernels.pack_int4(levels), scales, offsets, 4)
+        layout = (pack_int4(levels), scales, offsets, 4)
     weight.layouts["group"] = layout
     return layout
 
 
 def _quantized_linear_triton(x: torch.Tensor, weight: QuantizedWeight,
                              bias: torch.Tensor | None = None) -> torch.Tensor:
+    from llm_engine.kernels.quant_matmul import quant_matmul  # imports Triton: not on CPU
+
     qweight, scales, offsets, bits = group_layout(weight)
-    out = quant_kernels.quant_matmul(as_rows(x), qweight, scales, offsets, bits, 32)
+    out = quant_matmul(as_rows(x), qweight, scales, offsets, bits, 32)
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out.view(*x.shape[:-1], weight.out_features)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from llm_engine.kernels import cross_entropy as cross_entropy_kernels
-from llm_engine.kernels import sampling as sampling_kernels
-from llm_engine.ops.common import ANY, on_cuda, triton_needs
+from llm_engine.kernels.reference import cross_entropy as cross_entropy_ref
+from llm_engine.kernels.reference import sampling as sampling_ref
+from llm_engine.ops.common import ANY, on_cuda, triton_kernel, triton_needs
 from llm_engine.ops.dispatch import Op, registry, tensor_facts
 
 SAMPLE = registry().add(Op("sample", lambda logits, *a, **k: tensor_facts("sample", logits),
@@ -44,12 +44,12 @@ def cross_entropy(
     return CROSS_ENTROPY.pick(hidden, weight)(hidden, weight, targets, ignore_index=ignore_index)
 
 
-SAMPLE.register("triton", sampling_kernels.sample, triton_needs(grad=True),
+SAMPLE.register("triton", triton_kernel("sampling", "sample"), triton_needs(grad=True),
                 "Triton rejection sampling over pivots, no sort", auto=on_cuda)
-SAMPLE.register("reference", sampling_kernels.sample_reference, ANY,
+SAMPLE.register("reference", sampling_ref.sample_reference, ANY,
                 "plain PyTorch: sort, cumsum, multinomial")
-CROSS_ENTROPY.register("triton", cross_entropy_kernels.fused_linear_cross_entropy,
+CROSS_ENTROPY.register("triton", triton_kernel("cross_entropy", "fused_linear_cross_entropy"),
                        triton_needs(grad=True), "Triton row kernel, gradients in the forward",
                        auto=on_cuda)
-CROSS_ENTROPY.register("reference", cross_entropy_kernels.fused_linear_cross_entropy_reference,
+CROSS_ENTROPY.register("reference", cross_entropy_ref.fused_linear_cross_entropy_reference,
                        ANY, "the same chunks, rows in plain PyTorch")
