@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -66,8 +67,11 @@ def _best(fn, repeats: int) -> float:
 
 
 def _peak_rss(impl: str, path: str, threads: int) -> float:
+    # A user's process: without the TRITON_INTERPRET=1 that `bench` sets on CPU for the
+    # kernel suites (with it, importing our kernels imports Triton).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, impl, path, str(threads)],
-                         capture_output=True, text=True, check=True, timeout=900)
+                         capture_output=True, text=True, check=True, timeout=900, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1]) / 1e6
 
 
