@@ -26,6 +26,7 @@ Implementations, in preference order:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -143,13 +144,12 @@ def decode_layers(x: torch.Tensor, stack: DecoderStack, cos: torch.Tensor, sin: 
 
 def decode_int8_activations(x: torch.Tensor, weight: QuantizedWeight) -> bool:
     """Whether a decode step's projections (``x`` its rows, ``weight`` one of them) take
-    int8 activations: when ``quantized_linear``, left to choose, or forced, would run
-    ``int8`` on them (see the module's docstring)."""
-    op = registry().op("quantized_linear")
+    int8 activations: ``quantized_linear`` forced to ``int8``, or not forced and ``int8``
+    able to take them (see the module's docstring). Parts of other types stay fp32."""
     forced = registry().settings().forced.get("quantized_linear")
-    if forced is None and not registry().eligible("quantized_linear", x, weight)["int8"]:
-        return True
-    return op.pick(x, weight) is op.impls["int8"].fn
+    if forced is None:
+        return registry().eligible("quantized_linear", x, weight)["int8"] is None
+    return forced == "int8"
 
 
 def _decode_layers_cpp(x: torch.Tensor, stack: DecoderStack, cos: torch.Tensor,
@@ -166,12 +166,11 @@ def _decode_layers_cpp(x: torch.Tensor, stack: DecoderStack, cos: torch.Tensor,
 
 
 def _project(x: torch.Tensor, parts: list[QuantizedWeight], bias: torch.Tensor | None,
-             int8: bool) -> torch.Tensor:
+             int8_linear: Callable | None) -> torch.Tensor:
     """``x`` through the parts stacked along the output, each part of :data:`INT8_TYPES`
-    with int8 activations where ``int8`` (the C++ step's choice per part)."""
-    int8_linear = registry().implementation("quantized_linear", "int8")
-    outs = [int8_linear(x, p) if int8 and p.qtype in INT8_TYPES else quantized_linear(x, p)
-            for p in parts]
+    through ``int8_linear`` where given (the C++ step's choice per part)."""
+    outs = [int8_linear(x, p) if int8_linear is not None and p.qtype in INT8_TYPES
+            else quantized_linear(x, p) for p in parts]
     out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
     return out if bias is None else out + bias
 
@@ -183,11 +182,12 @@ def decode_layers_reference(x: torch.Tensor, stack: DecoderStack, cos: torch.Ten
     """:func:`decode_layers` composed from this package's ops, layer by layer, its
     projections' activations chosen as ``cpp``'s are (:func:`decode_int8_activations`)."""
     T, H, KV, D = x.shape[0], stack.heads, stack.kv_heads, stack.head_dim
-    int8 = decode_int8_activations(x, stack.layers[0].qkv[0])
+    int8_linear = (registry().implementation("quantized_linear", "int8")
+                   if decode_int8_activations(x, stack.layers[0].qkv[0]) else None)
 
     def project(x: torch.Tensor, parts: list[QuantizedWeight],
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-        return _project(x, parts, bias, int8)
+        return _project(x, parts, bias, int8_linear)
 
     residual = None
     for layer in stack.layers:
