@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llm_engine import ops
 from llm_engine.config import ModelConfig
-from llm_engine.quant import QuantizedWeight, quantize
+from llm_engine.quant import ROWS8_GROUP, ROWS8_TYPES, QuantizedWeight, quantize
 from llm_engine.rope import rope_cos_sin
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache): (blocks, block_size, kv_heads, d)
@@ -75,7 +75,40 @@ class Linear(nn.Linear):
         return ops.linear(x, self.weight, self.bias, packed=self.packed)
 
 
-class QuantizedLinear(nn.Module):
+class _QuantizedBlocks(nn.Module):
+    """A module whose weights are :class:`~llm_engine.quant.QuantizedWeight` ``parts``, their
+    blocks registered as the uint8 buffers ``blocks0, blocks1...``."""
+
+    def _register_parts(self, parts: list[QuantizedWeight]) -> None:
+        for i, p in enumerate(parts):
+            self.register_buffer(f"blocks{i}", p.blocks)
+        self.parts = parts
+
+    def _apply(self, fn, recurse: bool = True):  # .to() replaces the buffers: rewrap them
+        super()._apply(fn, recurse)
+        self.parts = [QuantizedWeight(p.qtype, getattr(self, f"blocks{i}"), p.in_features, p.layout)
+                      for i, p in enumerate(self.parts)]
+        return self
+
+    def set_layout(self, layout: str) -> None:
+        """Hold each part's blocks in ``layout`` (:data:`llm_engine.quant.LAYOUTS`) where its
+        type has it: ``"rows8"``, which the CPU kernels read fastest, for Q8_0 / Q4_0 / Q4_1
+        parts. The buffers are replaced, not copied; :meth:`state_dict` still gives GGUF's
+        ``"rows"`` bytes."""
+        for i, p in enumerate(self.parts):
+            if layout == "rows8" and p.qtype not in ROWS8_TYPES:
+                continue
+            self.parts[i] = p.to_layout(layout)
+            setattr(self, f"blocks{i}", self.parts[i].blocks)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for i, p in enumerate(self.parts):
+            if p.layout != "rows":
+                destination[f"{prefix}blocks{i}"] = p.to_layout("rows").blocks
+
+
+class QuantizedLinear(_QuantizedBlocks):
     """A linear layer (inference only) whose weight stays quantized: one or more
     :class:`~llm_engine.quant.QuantizedWeight` parts stacked along the output dimension
     (a fused projection whose source tensors came in different types has several).
@@ -87,16 +120,8 @@ class QuantizedLinear(nn.Module):
             raise ValueError("parts must be one or more QuantizedWeights with the same in_features")
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
-        for i, p in enumerate(parts):
-            self.register_buffer(f"blocks{i}", p.blocks)
-        self.parts = parts
+        self._register_parts(parts)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    def _apply(self, fn, recurse: bool = True):  # .to() replaces the buffers: rewrap them
-        super()._apply(fn, recurse)
-        self.parts = [QuantizedWeight(p.qtype, getattr(self, f"blocks{i}"), p.in_features)
-                      for i, p in enumerate(self.parts)]
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.parts) == 1:
@@ -109,25 +134,39 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={types}"
 
 
-class QuantizedEmbedding(nn.Module):
+class QuantizedEmbedding(_QuantizedBlocks):
     """Token embedding kept quantized (``blocks0``: a :class:`QuantizedWeight` of shape
     ``(vocab, hidden)``); rows are dequantized as they are looked up. With tied
     embeddings it is also the LM head (:meth:`linear`)."""
 
     def __init__(self, weight: QuantizedWeight) -> None:
         super().__init__()
-        self.register_buffer("blocks0", weight.blocks)
-        self.qweight = weight
+        self._register_parts([weight])
         self.embedding_dim = weight.in_features
 
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        self.qweight = QuantizedWeight(self.qweight.qtype, self.blocks0, self.qweight.in_features)
-        return self
+    @property
+    def qweight(self) -> QuantizedWeight:
+        return self.parts[0]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.blocks0.index_select(0, ids.reshape(-1))
-        out = ops.dequantize(QuantizedWeight(self.qweight.qtype, rows, self.embedding_dim))
+        flat, w = ids.reshape(-1), self.qweight
+        if w.layout == "rows":
+            rows = self.blocks0.index_select(0, flat)
+            out = ops.dequantize(QuantizedWeight(w.qtype, rows, self.embedding_dim))
+        else:  # rows8: the groups holding the ids, dequantized, then each id's row of its group
+            g = ROWS8_GROUP
+            whole = w.out_features // g * g
+            inside = flat < whole
+            picked = torch.where(inside, flat, 0)
+            groups = self.blocks0[:whole].view(whole // g, -1).index_select(0, picked // g)
+            values = ops.dequantize(QuantizedWeight(w.qtype, groups.view(-1, w.blocks.shape[1]),
+                                                    self.embedding_dim, "rows8"))
+            out = values.view(-1, g, self.embedding_dim)[torch.arange(len(flat)), picked % g]
+            if whole < w.out_features:  # the last rows % 8 rows are in GGUF's layout
+                tail = ops.dequantize(QuantizedWeight(
+                    w.qtype, self.blocks0.index_select(0, torch.where(inside, whole, flat)),
+                    self.embedding_dim))
+                out = torch.where(inside[:, None], out, tail)
         return out.view(*ids.shape, self.embedding_dim)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -435,11 +474,17 @@ class Transformer(nn.Module):
         attn = AttentionMetadata.for_batch(B, S, idx.device)
         return self(idx.reshape(-1), positions, attn)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``(T, vocab)`` logits of ``hidden: (T, hidden_size)``."""
+    def compute_logits(self, hidden: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        """``(T, vocab)`` logits of ``hidden: (T, hidden_size)``; ``decode``: the rows of a
+        decode step, whose quantized LM head takes the activations of the step's
+        projections (:func:`ops.decode_projection`)."""
         if isinstance(self.lm_head, QuantizedLinear):
+            if decode:
+                return ops.decode_projection(hidden, self.lm_head.parts, self.lm_head.bias)
             return self.lm_head(hidden)
         if self.lm_head is None and isinstance(self.embed_tokens, QuantizedEmbedding):
+            if decode:
+                return ops.decode_projection(hidden, self.embed_tokens.parts)
             return self.embed_tokens.linear(hidden)
         return ops.linear(hidden, self.lm_head_weight, packed=self._lm_head_packed)
 
@@ -448,11 +493,15 @@ class Transformer(nn.Module):
         (:class:`llm_engine.ops.PackedWeight`): oneDNN then reads the weight in the layout
         its GEMM wants instead of reordering it on every call, for a second copy of the
         weights in memory. Training and autograd use the weights
-        themselves, and a copy follows every change to its weight. The engine turns this
-        on for fp32 CPU models."""
+        themselves, and a copy follows every change to its weight. Quantized linear
+        layers and embeddings on the CPU move their Q8_0 / Q4_0 / Q4_1 blocks into the
+        ``"rows8"`` layout instead (:meth:`QuantizedLinear.set_layout`, no second copy). The engine
+        turns this on for fp32 CPU models."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.packed = ops.PackedWeight() if enabled else None
+            elif isinstance(m, _QuantizedBlocks) and m.blocks0.is_cpu:
+                m.set_layout("rows8" if enabled else "rows")
         tied_quantized = self.lm_head is None and isinstance(self.embed_tokens, QuantizedEmbedding)
         self._lm_head_packed = ops.PackedWeight() if enabled and not tied_quantized else None
 

@@ -9,6 +9,10 @@ The plain-PyTorch dequantizers here are the reference every kernel is tested aga
 they do the same fp32 operations in the same order as ``gguf.quants.dequantize``, so
 they give the same bits. The quantizers (Q8_0, Q4_0, Q4_1) follow ``gguf``'s too; they
 quantize full-precision checkpoints at load.
+
+The blocks of a Q8_0 / Q4_0 / Q4_1 weight can also be held in the ``rows8`` layout that
+the CPU kernels read fastest (:data:`LAYOUTS`, :meth:`QuantizedWeight.to_layout`): the
+same bytes, regrouped 8 rows at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +32,17 @@ QUANT_TYPES: dict[str, tuple[int, int]] = {
 }
 # Types full-precision weights can be quantized to at load.
 QUANTIZE_TO = ("q8_0", "q4_0", "q4_1")
+# Byte layouts of a weight's blocks:
+# - "rows": GGUF's, each output row's blocks in turn (every type);
+# - "rows8" (the types of ROWS8_TYPES): the rows in groups of 8, any last rows % 8 rows
+#   after them as in "rows". Per group and block, a record of the 8 rows' blocks: their
+#   8 fp16 scales d, for Q4_1 their 8 fp16 offsets m, then their level bytes (16 of
+#   nibbles, or Q8_0's 32 int8 levels) in chunks of 32 bytes, chunk c holding bytes
+#   4c .. 4c + 3 of each row's levels, row after row. A group keeps the bytes of its 8
+#   rows, so slices of whole groups are "rows8" too (csrc/cpu/quant_matmul.h).
+LAYOUTS = ("rows", "rows8")
+ROWS8_TYPES = ("q8_0", "q4_0", "q4_1")
+ROWS8_GROUP = 8
 QK_K = 256
 
 
@@ -51,18 +66,25 @@ def row_bytes(qtype: str, in_features: int) -> int:
 class QuantizedWeight:
     """A linear weight ``(out_features, in_features)`` in a GGUF block format.
 
-    ``blocks``: ``(out_features, row_bytes)`` uint8, C-contiguous, each row the GGUF
-    blocks of one output row. ``layouts``: other layouts of the same weight that kernels
-    read, made from the blocks on first use (name -> tensors).
+    ``blocks``: ``(out_features, row_bytes)`` uint8, C-contiguous, in ``layout``
+    (:data:`LAYOUTS`; ``"rows"``: each row the GGUF blocks of one output row).
+    ``layouts``: other layouts of the same weight that kernels read, made from the blocks
+    on first use (name -> tensors).
     """
 
     qtype: str
     blocks: torch.Tensor
     in_features: int
+    layout: str = "rows"
     layouts: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.qtype = check_qtype(self.qtype)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.layout == "rows8" and self.qtype not in ROWS8_TYPES:
+            raise ValueError(f"layout 'rows8' takes qtype {'/'.join(ROWS8_TYPES)}, "
+                             f"got {self.qtype!r}")
         if not isinstance(self.blocks, torch.Tensor) or self.blocks.dtype != torch.uint8:
             got = getattr(self.blocks, "dtype", type(self.blocks).__name__)
             raise TypeError(f"blocks must be a uint8 tensor, got {got}")
@@ -83,7 +105,48 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight ``(out_features, in_features)`` (:func:`dequantize`)."""
-        return dequantize(self.blocks, self.qtype, self.in_features)
+        return dequantize(self.to_layout("rows").blocks, self.qtype, self.in_features)
+
+    def to_layout(self, layout: str) -> QuantizedWeight:
+        """This weight with its blocks in ``layout`` (itself if they already are)."""
+        if layout == self.layout:
+            return self
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        blocks = relayout(self.blocks, self.qtype, self.in_features, to_rows8=layout == "rows8")
+        return QuantizedWeight(self.qtype, blocks, self.in_features, layout)
+
+
+def relayout(blocks: torch.Tensor, qtype: str, in_features: int, to_rows8: bool) -> torch.Tensor:
+    """Reference relayout: ``blocks (rows, row_bytes)`` uint8 of a Q8_0 / Q4_0 / Q4_1
+    weight from ``"rows"`` to ``"rows8"`` (``to_rows8``) or back (:data:`LAYOUTS`), as a
+    new C-contiguous tensor of the same shape."""
+    qtype = check_qtype(qtype)
+    if qtype not in ROWS8_TYPES:
+        raise ValueError(f"layout 'rows8' takes qtype {'/'.join(ROWS8_TYPES)}, got {qtype!r}")
+    size = QUANT_TYPES[qtype][1]
+    head = 4 if qtype == "q4_1" else 2
+    rows, nb = blocks.shape[0], row_bytes(qtype, in_features) // size
+    whole = rows // ROWS8_GROUP * ROWS8_GROUP
+    g = ROWS8_GROUP
+    out = blocks.clone()
+    if to_rows8:  # (groups, row, block, byte) -> (groups, block, [scales | chunks])
+        b = blocks[:whole].reshape(-1, g, nb, size)
+        parts = [b[..., 0:2].transpose(1, 2).reshape(-1, nb, 2 * g)]
+        if qtype == "q4_1":
+            parts.append(b[..., 2:4].transpose(1, 2).reshape(-1, nb, 2 * g))
+        levels = b[..., head:].reshape(-1, g, nb, (size - head) // 4, 4)
+        parts.append(levels.permute(0, 2, 3, 1, 4).reshape(-1, nb, (size - head) * g))
+        out[:whole] = torch.cat(parts, dim=-1).reshape(out[:whole].shape)
+    else:
+        rec = blocks[:whole].reshape(-1, nb, g * size)
+        parts = [rec[..., :2 * g].reshape(-1, nb, g, 2)]
+        if qtype == "q4_1":
+            parts.append(rec[..., 2 * g:4 * g].reshape(-1, nb, g, 2))
+        levels = rec[..., head * g:].reshape(-1, nb, (size - head) // 4, g, 4)
+        parts.append(levels.permute(0, 1, 3, 2, 4).reshape(-1, nb, g, size - head))
+        out[:whole] = torch.cat(parts, dim=-1).transpose(1, 2).reshape(out[:whole].shape)
+    return out
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:

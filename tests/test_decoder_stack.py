@@ -13,27 +13,30 @@ from testing_utils import random_quant_blocks
 from llm_engine import _C, SamplingParams, ops
 from llm_engine.config import ModelConfig
 from llm_engine.model import Transformer
-from llm_engine.quant import QUANTIZE_TO, QuantizedWeight, quantize
+from llm_engine.quant import QUANTIZE_TO, ROWS8_TYPES, QuantizedWeight, quantize
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
-def _proj(gen: torch.Generator, out: int, k: int, qtypes: tuple[str, ...]) -> list:
+def _proj(gen: torch.Generator, out: int, k: int, qtypes: tuple[str, ...],
+          layout: str = "rows") -> list:
     """``out`` rows of ``k`` inputs, split evenly into one part per qtype (random valid
-    blocks for the K-quants, which we do not quantize to)."""
+    blocks for the K-quants, which we do not quantize to), the parts whose type has
+    ``layout`` in it."""
     rows = [out // len(qtypes)] * len(qtypes)
     rows[-1] += out - sum(rows)
     seed = int(torch.randint(1 << 30, (1,), generator=gen))
-    return [quantize(torch.randn(r, k, generator=gen) * 0.2, q) if q in QUANTIZE_TO else
-            QuantizedWeight(q, torch.from_numpy(random_quant_blocks(q, r, k, seed)), k)
-            for r, q in zip(rows, qtypes, strict=True)]
+    parts = [quantize(torch.randn(r, k, generator=gen) * 0.2, q) if q in QUANTIZE_TO else
+             QuantizedWeight(q, torch.from_numpy(random_quant_blocks(q, r, k, seed)), k)
+             for r, q in zip(rows, qtypes, strict=True)]
+    return [p.to_layout(layout) if p.qtype in ROWS8_TYPES else p for p in parts]
 
 
 def make_stack(seed: int = 0, *, hidden: int = 96, heads: int = 3, kv_heads: int = 1,
                head_dim: int = 32, inter: int = 160, layers: int = 3, bias: bool = False,
                qk_norm: bool = False, windows: tuple = (None, 5, None),
                qtypes: tuple = (("q4_1", "q8_0"), ("q4_0",), ("q8_0",), ("q4_1",)),
-               blocks: int = 24, block_size: int = 4) -> ops.DecoderStack:
+               blocks: int = 24, block_size: int = 4, layout: str = "rows") -> ops.DecoderStack:
     gen = torch.Generator().manual_seed(seed)
     qkv_out = (heads + 2 * kv_heads) * head_dim
 
@@ -43,12 +46,12 @@ def make_stack(seed: int = 0, *, hidden: int = 96, heads: int = 3, kv_heads: int
     out = []
     for i in range(layers):
         out.append(ops.DecoderLayerWeights(
-            attn_norm=vec(hidden), qkv=_proj(gen, qkv_out, hidden, qtypes[0]),
+            attn_norm=vec(hidden), qkv=_proj(gen, qkv_out, hidden, qtypes[0], layout),
             qkv_bias=torch.randn(qkv_out, generator=gen) if bias else None,
             q_norm=vec(head_dim) if qk_norm else None, k_norm=vec(head_dim) if qk_norm else None,
-            o=_proj(gen, hidden, heads * head_dim, qtypes[1]), mlp_norm=vec(hidden),
-            gate_up=_proj(gen, 2 * inter, hidden, qtypes[2]),
-            down=_proj(gen, hidden, inter, qtypes[3]),
+            o=_proj(gen, hidden, heads * head_dim, qtypes[1], layout), mlp_norm=vec(hidden),
+            gate_up=_proj(gen, 2 * inter, hidden, qtypes[2], layout),
+            down=_proj(gen, hidden, inter, qtypes[3], layout),
             k_cache=torch.randn(blocks, block_size, kv_heads, head_dim, generator=gen),
             v_cache=torch.randn(blocks, block_size, kv_heads, head_dim, generator=gen),
             window=windows[i % len(windows)]))
@@ -93,10 +96,12 @@ def _run(impl: str, args: tuple, linear: str | None = None) -> tuple:
       "qtypes": (("q4_k",), ("q5_k",), ("q6_k",), ("q4_k",))}, [2, 9, 30]),
 ])
 @pytest.mark.parametrize("linear", [None, "cpp"])
-def test_one_call_equals_the_per_op_path(kw, lens, linear) -> None:
+@pytest.mark.parametrize("layout", ["rows", "rows8"])
+def test_one_call_equals_the_per_op_path(kw, lens, linear, layout) -> None:
     """Bit for bit, with the decode step's default activations (int8 where the type has
-    the kernel) and with fp32 ones (``quantized_linear=cpp`` forced)."""
-    stack = make_stack(**kw)
+    the kernel) and with fp32 ones (``quantized_linear=cpp`` forced), with the blocks in
+    either layout (parts of 80 rows and more: whole groups of 8 and a remainder)."""
+    stack = make_stack(**kw, layout=layout)
     args = step_inputs(stack, lens)
     (out, res), caches = _run("cpp", args, linear)
     (ref_out, ref_res), ref_caches = _run("reference", args, linear)
@@ -157,7 +162,7 @@ def test_bad_step_inputs_are_value_errors(change, match) -> None:
 
 def test_bad_layers_are_refused_when_added() -> None:
     good = make_stack(layers=1).layers[0]
-    parts = lambda ws: [(w.blocks.numpy(), w.qtype) for w in ws]  # noqa: E731
+    parts = lambda ws: [(w.blocks.numpy(), w.qtype, w.layout) for w in ws]  # noqa: E731
     args = dict(attn_norm=good.attn_norm.numpy(), qkv=parts(good.qkv), qkv_bias=None,
                 q_norm=None, k_norm=None, o=parts(good.o), mlp_norm=good.mlp_norm.numpy(),
                 gate_up=parts(good.gate_up), down=parts(good.down),
@@ -166,8 +171,11 @@ def test_bad_layers_are_refused_when_added() -> None:
         ({"attn_norm": torch.ones(95).numpy()}, ValueError, r"attn_norm \(95,\) must be \(96,\)"),
         ({"o": parts(good.o)[:0]}, ValueError, "o must stack 96 rows"),
         ({"down": parts(good.o)}, ValueError, r"down's blocks \(96, 54\) must be \(rows, 90\)"),
-        ({"qkv": [good.qkv[0].blocks.numpy()]}, TypeError, r"list of \(blocks, qtype\)"),
-        ({"gate_up": [(good.gate_up[0].blocks.numpy(), "q3_k")]}, ValueError, "qtype must be"),
+        ({"qkv": [good.qkv[0].blocks.numpy()]}, TypeError, r"list of \(blocks, qtype, layout\)"),
+        ({"gate_up": [(good.gate_up[0].blocks.numpy(), "q3_k", "rows")]}, ValueError,
+         "qtype must be"),
+        ({"gate_up": [(good.gate_up[0].blocks.numpy(), "q8_0", "cols")]}, ValueError,
+         "layout must be 'rows' or 'rows8'"),
         ({"q_norm": torch.ones(32).numpy()}, ValueError, "both be given"),
         ({"k_cache": torch.zeros(16, 4, 2, 32).numpy(), "v_cache": torch.zeros(16, 4, 2, 32).numpy()},
          ValueError, "k_cache"),

@@ -1,5 +1,6 @@
 """The C++ quantized matmul with int8 activations (``_C.quant_matmul(..., int8_activations=True)``):
-each row of x rounded to int8 per 32-value block as llama.cpp does, then integer dot products."""
+each row of x rounded to int8 per 32-value block as llama.cpp does, then integer dot products;
+with the blocks in GGUF's "rows" layout and in "rows8" (``llm_engine.quant.LAYOUTS``)."""
 
 import os
 import subprocess
@@ -11,20 +12,21 @@ import torch
 from testing_utils import random_quant_blocks
 
 from llm_engine import _C
-from llm_engine.quant import QUANT_TYPES, QuantizedWeight
+from llm_engine.quant import LAYOUTS, QUANT_TYPES, QuantizedWeight
 
 INT8_TYPES = [t for t in sorted(QUANT_TYPES) if _C.quant_matmul_int8_supported(t)]
 _KS = {32: (32, 96, 576, 1536), 256: (256, 768)}
 
 
-def _weight(qtype: str, rows: int, k: int, seed: int = 0) -> QuantizedWeight:
-    return QuantizedWeight(qtype, torch.from_numpy(random_quant_blocks(qtype, rows, k, seed)), k)
+def _weight(qtype: str, rows: int, k: int, seed: int = 0, layout: str = "rows") -> QuantizedWeight:
+    w = QuantizedWeight(qtype, torch.from_numpy(random_quant_blocks(qtype, rows, k, seed)), k)
+    return w.to_layout(layout)
 
 
 def _int8(x: torch.Tensor, w: QuantizedWeight, threads: int = 2) -> torch.Tensor:
     out = torch.empty(x.shape[0], w.out_features)
     _C.quant_matmul(out.numpy(), x.numpy(), w.blocks.numpy(), w.qtype, threads,
-                    int8_activations=True)
+                    int8_activations=True, layout=w.layout)
     return out
 
 
@@ -41,12 +43,13 @@ def _rounded(x: torch.Tensor, block: int) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("qtype", INT8_TYPES)
 @pytest.mark.parametrize("rows", [1, 3, 32, 257])
-def test_int8_matmul_is_within_the_rounding_bound_of_the_reference(qtype, rows):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int8_matmul_is_within_the_rounding_bound_of_the_reference(qtype, rows, layout):
     """Rounding moves each x value by at most d_x / 2 (d_x = its block's max|x| / 127),
     so an output moves by at most sum |W| * d_x / 2, plus fp32 rounding of the sums."""
     block = QUANT_TYPES[qtype][0]
     for k in _KS[block]:
-        w = _weight(qtype, 37, k, seed=k)
+        w = _weight(qtype, 37, k, seed=k, layout=layout)
         x = torch.randn(rows, k) * torch.rand(rows, k // block, 1).repeat_interleave(block, 1)[..., 0]
         got = _int8(x, w).double()
         wd = w.dequantize().double()
@@ -59,11 +62,12 @@ def test_int8_matmul_is_within_the_rounding_bound_of_the_reference(qtype, rows):
 
 
 @pytest.mark.parametrize("qtype", INT8_TYPES)
-def test_int8_matmul_equals_its_fp64_model_to_fp32_rounding(qtype):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int8_matmul_equals_its_fp64_model_to_fp32_rounding(qtype, layout):
     """Against the same rounding of x (ties included) computed in numpy, then fp64 sums."""
     block = QUANT_TYPES[qtype][0]
     k, rows = 4 * block, 5
-    w = _weight(qtype, 23, k, seed=3)
+    w = _weight(qtype, 23, k, seed=3, layout=layout)
     x = torch.randn(rows, k)
     x[0, :block] = torch.arange(block) - 15.5  # max 16.5 -> levels at half steps: ties
     x[1, :block] = 0.0  # an all-zero block: scale 0
@@ -76,7 +80,8 @@ def test_int8_matmul_equals_its_fp64_model_to_fp32_rounding(qtype):
 
 
 @pytest.mark.parametrize("qtype", INT8_TYPES)
-def test_int8_matmul_is_exact_when_x_needs_no_rounding(qtype):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int8_matmul_is_exact_when_x_needs_no_rounding(qtype, layout):
     """x = integers in [-127, 127] (each block reaching 127) times a power of two per
     block: rounding changes nothing, so only fp32 rounding of the sums is left."""
     block = QUANT_TYPES[qtype][0]
@@ -86,7 +91,7 @@ def test_int8_matmul_is_exact_when_x_needs_no_rounding(qtype):
     q[..., 7] = 127.0 * torch.where(torch.rand(rows, k // block, generator=gen) < 0.5, -1.0, 1.0)
     scale = 2.0 ** torch.randint(-12, 2, (rows, k // block, 1), generator=gen).double()
     x = (q * scale).reshape(rows, k).float()
-    w = _weight(qtype, 19, k, seed=6)
+    w = _weight(qtype, 19, k, seed=6, layout=layout)
     wd = w.dequantize().double()
     ref = x.double() @ wd.T
     got = _int8(x, w).double()
@@ -94,9 +99,10 @@ def test_int8_matmul_is_exact_when_x_needs_no_rounding(qtype):
 
 
 @pytest.mark.parametrize("qtype", INT8_TYPES)
-def test_int8_matmul_rows_do_not_depend_on_the_batch(qtype):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int8_matmul_rows_do_not_depend_on_the_batch(qtype, layout):
     k = 2 * QUANT_TYPES[qtype][0]
-    w = _weight(qtype, 10, k)  # 10 weight rows: tiles of 4 and a remainder
+    w = _weight(qtype, 10, k, layout=layout)  # 10 weight rows: tiles of 4 and a remainder
     x = torch.randn(7, k)
     many = _int8(x, w)
     for i in range(7):
@@ -104,23 +110,28 @@ def test_int8_matmul_rows_do_not_depend_on_the_batch(qtype):
     assert torch.equal(_int8(x[2:5].clone(), w, threads=1), many[2:5])
 
 
-def test_int8_matmul_gives_nan_for_a_row_with_a_non_finite_value():
-    w = _weight("q4_1", 6, 64)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int8_matmul_gives_nan_for_a_row_with_a_non_finite_value(layout):
+    w = _weight("q4_1", 11, 64, layout=layout)
     x = torch.randn(3, 64)
     x[1, 40] = float("inf")
     got = _int8(x, w)
+    assert got.shape == (3, 11)
     assert got[1].isnan().all() and got[[0, 2]].isfinite().all()
 
 
 def test_int8_generic_path_equals_the_avx2_path_bit_for_bit(tmp_path):
     """LLM_ENGINE_QUANT_GENERIC forces the plain C++ path (read once per process), so
-    each path runs in a child process on the same saved inputs."""
+    each path runs in a child process on the same saved inputs: int8 activations in both
+    layouts, and the fp32 ones of the rows8 kernels (which mirror their AVX2 path too)."""
     cases = {}
     for i, (qtype, k) in enumerate([("q8_0", 96), ("q4_0", 576), ("q4_1", 160)]):
         for m in (1, 6):
-            cases[f"{qtype}_{m}_w"] = random_quant_blocks(qtype, 11, k, seed=i)
-            cases[f"{qtype}_{m}_x"] = np.random.default_rng(m + i).normal(size=(m, k)).astype(
-                np.float32)
+            for layout in LAYOUTS:
+                w = _weight(qtype, 11 if layout == "rows" else 21, k, seed=i, layout=layout)
+                cases[f"{qtype}_{m}_{layout}_w"] = w.blocks.numpy()
+                cases[f"{qtype}_{m}_{layout}_x"] = np.random.default_rng(m + i).normal(
+                    size=(m, k)).astype(np.float32)
     np.savez(tmp_path / "in.npz", **cases)
     script = (
         "import sys, numpy as np\n"
@@ -129,9 +140,10 @@ def test_int8_generic_path_equals_the_avx2_path_bit_for_bit(tmp_path):
         "for name in cases.files:\n"
         "    if name.endswith('_x'):\n"
         "        x, w = cases[name], cases[name[:-1] + 'w']\n"
-        "        out = outs[name] = np.empty((x.shape[0], w.shape[0]), np.float32)\n"
-        "        _C.quant_matmul(out, x, w, name.split('_')[0] + '_' + name.split('_')[1], 2,\n"
-        "                        int8_activations=True)\n"
+        "        a, b, _, layout, _ = name.split('_')\n"
+        "        for int8 in (True, False) if layout == 'rows8' else (True,):\n"
+        "            out = outs[name + str(int8)] = np.empty((x.shape[0], w.shape[0]), np.float32)\n"
+        "            _C.quant_matmul(out, x, w, a + '_' + b, 2, int8_activations=int8, layout=layout)\n"
         "np.savez(sys.argv[2], **outs)\n")
     env = dict(os.environ)
     env.pop("LLM_ENGINE_QUANT_GENERIC", None)
@@ -144,19 +156,20 @@ def test_int8_generic_path_equals_the_avx2_path_bit_for_bit(tmp_path):
                        env=env, check=True)
         results.append(np.load(path))
     fast, generic = results
-    assert sorted(fast.files) == sorted(f for f in cases if f.endswith("_x"))
+    assert len(fast.files) == 18
     for name in fast.files:
         assert np.array_equal(fast[name].view(np.uint32), generic[name].view(np.uint32)), name
 
 
-def test_int8_matmul_writes_a_column_slice_of_a_wider_output():
-    w = _weight("q4_1", 5, 64)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int8_matmul_writes_a_column_slice_of_a_wider_output(layout):
+    w = _weight("q4_1", 13, 64, layout=layout)
     x = torch.randn(3, 64)
-    out = torch.zeros(3, 9)
-    _C.quant_matmul(out[:, 2:7].numpy(), x.numpy(), w.blocks.numpy(), "q4_1", 1,
-                    int8_activations=True)
-    assert torch.equal(out[:, 2:7], _int8(x, w))
-    assert not out[:, :2].any() and not out[:, 7:].any()
+    out = torch.zeros(3, 17)
+    _C.quant_matmul(out[:, 2:15].numpy(), x.numpy(), w.blocks.numpy(), "q4_1", 1,
+                    int8_activations=True, layout=layout)
+    assert torch.equal(out[:, 2:15], _int8(x, w))
+    assert not out[:, :2].any() and not out[:, 15:].any()
 
 
 def test_int8_matmul_rejects_bad_input_clearly():

@@ -64,6 +64,9 @@ def test_group_layout_is_the_gguf_dequantization_exactly(qtype):
     qweight, scales, offsets, bits = group_layout(w)
     assert torch.equal(dequantize_reference(qweight, scales, offsets, bits, 32), w.dequantize())
     assert group_layout(w)[0] is qweight  # made once, kept with the weight
+    rows8 = w.to_layout("rows8")
+    got = group_layout(rows8)[:3]
+    assert all(torch.equal(a, b) for a, b in zip(got, (qweight, scales, offsets), strict=True))
 
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])

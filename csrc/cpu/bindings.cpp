@@ -273,9 +273,22 @@ QuantFormat expect_blocks(const py::array_t<uint8_t>& w, const py::handle& w_obj
   return f;
 }
 
+// The layout named "rows" or "rows8", checked to take blocks of type (qtype).
+QuantLayout quant_layout_from_name(const std::string& layout, QuantType type,
+                                   const std::string& qtype) {
+  if (layout == "rows") return QuantLayout::kRows;
+  if (layout != "rows8") {
+    throw py::value_error("layout must be 'rows' or 'rows8', got '" + layout + "'");
+  }
+  if (!quant_rows8_supported(type)) {
+    throw py::value_error("layout 'rows8' takes q8_0, q4_0 and q4_1 blocks, got " + qtype);
+  }
+  return QuantLayout::kRows8;
+}
+
 void quant_matmul_py(const py::handle& out_obj, const py::handle& x_obj,
                      const py::handle& blocks_obj, const std::string& qtype, int num_threads,
-                     bool int8_activations) {
+                     bool int8_activations, const std::string& layout_name) {
   auto [out, out_stride] = expect_rows<float>(out_obj, "out", "float32", 2);
   auto x = expect_array<float>(x_obj, "x", "float32", 2);
   auto w = expect_array<uint8_t>(blocks_obj, "blocks", "uint8", 2);
@@ -283,6 +296,7 @@ void quant_matmul_py(const py::handle& out_obj, const py::handle& x_obj,
   if (int8_activations && !quant_matmul_int8_supported(type)) {
     throw py::value_error("int8_activations=True does not take " + qtype + " weights");
   }
+  const QuantLayout layout = quant_layout_from_name(layout_name, type, qtype);
   const int64_t m = x.shape(0), k = x.shape(1), n = w.shape(0);
   expect_blocks(w, blocks_obj, type, qtype, k, "x's last dimension (k)");
   if (out.shape(0) != m || out.shape(1) != n) {
@@ -298,17 +312,20 @@ void quant_matmul_py(const py::handle& out_obj, const py::handle& x_obj,
   }
   py::gil_scoped_release release;
   if (int8_activations) {
-    quant_matmul_int8(out_data, out_stride, x.data(), w.data(), type, m, n, k, num_threads);
+    quant_matmul_int8(out_data, out_stride, x.data(), w.data(), type, m, n, k, num_threads,
+                      layout);
   } else {
-    quant_matmul(out_data, out_stride, x.data(), w.data(), type, m, n, k, num_threads);
+    quant_matmul(out_data, out_stride, x.data(), w.data(), type, m, n, k, num_threads, layout);
   }
 }
 
 void quant_dequantize_py(const py::handle& out_obj, const py::handle& blocks_obj,
-                         const std::string& qtype, int num_threads) {
+                         const std::string& qtype, int num_threads,
+                         const std::string& layout_name) {
   auto out = expect_array<float>(out_obj, "out", "float32", 2);
   auto w = expect_array<uint8_t>(blocks_obj, "blocks", "uint8", 2);
   const QuantType type = quant_type_from_name(qtype);
+  const QuantLayout layout = quant_layout_from_name(layout_name, type, qtype);
   expect_blocks(w, blocks_obj, type, qtype, out.shape(1), "out's last dimension (k)");
   if (out.shape(0) != w.shape(0)) {
     throw py::value_error("out " + shape_of(out_obj) + " must have one row per row of blocks " +
@@ -318,7 +335,24 @@ void quant_dequantize_py(const py::handle& out_obj, const py::handle& blocks_obj
   expect_threads(num_threads);
   float* out_data = out.mutable_data();
   py::gil_scoped_release release;
-  quant_dequantize(out_data, w.data(), type, w.shape(0), out.shape(1), num_threads);
+  quant_dequantize(out_data, w.data(), type, w.shape(0), out.shape(1), num_threads, layout);
+}
+
+void quant_relayout_py(const py::handle& out_obj, const py::handle& blocks_obj,
+                       const std::string& qtype, int64_t k, bool to_rows8) {
+  auto out = expect_array<uint8_t>(out_obj, "out", "uint8", 2);
+  auto w = expect_array<uint8_t>(blocks_obj, "blocks", "uint8", 2);
+  const QuantType type = quant_type_from_name(qtype);
+  quant_layout_from_name("rows8", type, qtype);
+  expect_blocks(w, blocks_obj, type, qtype, k, "k");
+  expect_same_shape(out, "out", w, "blocks");
+  expect_writeable(out, "out");
+  uint8_t* out_data = out.mutable_data();
+  if (out.size() > 0 && out_data < w.data() + w.size() && w.data() < out_data + out.size()) {
+    throw py::value_error("out must not overlap blocks");
+  }
+  py::gil_scoped_release release;
+  quant_relayout(out_data, w.data(), type, w.shape(0), k, to_rows8);
 }
 
 // The layers of a decode stack (decoder.h) over arrays it keeps alive: weights and caches
@@ -444,22 +478,24 @@ class DecoderStack {
     return a.data();
   }
 
-  // parts: [(blocks, qtype), ...] stacked along the output; in x out features.
+  // parts: [(blocks, qtype, layout), ...] stacked along the output; in x out features.
   QuantProjection projection(const py::list& parts, const char* name, int64_t in, int64_t out) {
     QuantProjection p;
     p.in_features = in;
     p.out_features = out;
     for (const py::handle& item : parts) {
-      if (!py::isinstance<py::tuple>(item) || py::len(item) != 2) {
-        throw py::type_error(std::string(name) + " must be a list of (blocks, qtype) tuples");
+      if (!py::isinstance<py::tuple>(item) || py::len(item) != 3) {
+        throw py::type_error(std::string(name) +
+                             " must be a list of (blocks, qtype, layout) tuples");
       }
-      auto pair = py::reinterpret_borrow<py::tuple>(item);
-      auto w = expect_array<uint8_t>(pair[0], name, "uint8", 2);
-      const std::string qtype = py::cast<std::string>(pair[1]);
+      auto part = py::reinterpret_borrow<py::tuple>(item);
+      auto w = expect_array<uint8_t>(part[0], name, "uint8", 2);
+      const std::string qtype = py::cast<std::string>(part[1]);
       const QuantType type = quant_type_from_name(qtype);
-      expect_blocks(w, pair[0], type, qtype, in, (std::string(name) + "'s in_features").c_str(),
+      const QuantLayout layout = quant_layout_from_name(py::cast<std::string>(part[2]), type, qtype);
+      expect_blocks(w, part[0], type, qtype, in, (std::string(name) + "'s in_features").c_str(),
                     std::string(name) + "'s blocks");
-      p.parts.push_back({w.data(), type, w.shape(0)});
+      p.parts.push_back({w.data(), type, layout, w.shape(0)});
       keep_.push_back(w);
     }
     int64_t rows = 0;
@@ -511,11 +547,13 @@ void register_cpu_kernels(py::module_& m) {
         "(tokens, kv_heads, head_dim), contiguous within a row; slot_mapping: (tokens,) int64.");
   m.def("quant_matmul", &quant_matmul_py, py::arg("out"), py::arg("x"), py::arg("blocks"),
         py::arg("qtype"), py::arg("num_threads") = 1, py::arg("int8_activations") = false,
+        py::arg("layout") = "rows",
         "out = x @ W.T with W stored as GGUF blocks of qtype (q8_0, q4_0, q4_1, q4_k, q5_k,\n"
         "q6_k), fp32, written into out.\n\n"
         "int8_activations: round each row of x to int8 per block first, as llama.cpp does,\n"
         "and take integer dot products (only for the types quant_matmul_int8_supported\n"
         "names; ValueError otherwise); else x stays fp32.\n"
+        "layout: 'rows' (GGUF's) or 'rows8' (q8_0, q4_0, q4_1: see quant_relayout).\n"
         "x: (m, k) C-contiguous float32, k a multiple of the block size; blocks: (n, k / block *\n"
         "block_bytes) C-contiguous uint8, one weight row each; out: (m, n) float32, contiguous\n"
         "within a row (rows may be apart: a column slice of a wider output), not overlapping x.");
@@ -523,9 +561,18 @@ void register_cpu_kernels(py::module_& m) {
         [](const std::string& qtype) { return quant_matmul_int8_supported(quant_type_from_name(qtype)); },
         py::arg("qtype"), "Whether quant_matmul takes int8_activations=True for qtype.");
   m.def("quant_dequantize", &quant_dequantize_py, py::arg("out"), py::arg("blocks"),
-        py::arg("qtype"), py::arg("num_threads") = 1,
+        py::arg("qtype"), py::arg("num_threads") = 1, py::arg("layout") = "rows",
         "The fp32 weight of GGUF blocks, written into out (rows, k) C-contiguous float32;\n"
-        "blocks: (rows, k / block * block_bytes) C-contiguous uint8.");
+        "blocks: (rows, k / block * block_bytes) C-contiguous uint8 in layout ('rows' or\n"
+        "'rows8').");
+  m.def("quant_relayout", &quant_relayout_py, py::arg("out"), py::arg("blocks"), py::arg("qtype"),
+        py::arg("k"), py::arg("to_rows8"),
+        "Copy a weight's q8_0 / q4_0 / q4_1 blocks (rows, k / 32 * block_bytes), C-contiguous\n"
+        "uint8, into out (the same shape, not overlapping) in the 'rows8' layout\n"
+        "(to_rows8) or back in GGUF's 'rows'. rows8: the rows in groups of 8 (any last\n"
+        "rows % 8 rows after them unchanged); per group and block, the 8 rows' fp16 scales\n"
+        "d, for q4_1 their offsets m, then their level bytes in 32-byte chunks, chunk c\n"
+        "holding bytes 4c .. 4c + 3 of each row's levels in turn.");
   py::class_<DecoderStack>(m, "DecoderStack",
                            "The decoder layers of a Llama-style model with quantized projections,\n"
                            "run for one decode step in one call (csrc/cpu/decoder.h), fp32.")
@@ -537,7 +584,8 @@ void register_cpu_kernels(py::module_& m) {
            py::arg("mlp_norm"), py::arg("gate_up"), py::arg("down"), py::arg("k_cache"),
            py::arg("v_cache"), py::arg("window") = 0,
            "Append a layer. Norm weights: (n,) float32; each projection: a list of\n"
-           "(blocks uint8 (rows, row_bytes), qtype) stacked along the output; qkv_bias,\n"
+           "(blocks uint8 (rows, row_bytes), qtype, layout) stacked along the output;\n"
+           "layout: 'rows' or 'rows8' (quant_relayout); qkv_bias,\n"
            "q_norm, k_norm may be None; k_cache, v_cache: (num_blocks, block_size, kv_heads,\n"
            "head_dim) float32, the same blocks in every layer. The stack keeps them alive.")
       .def("forward", &DecoderStack::forward, py::arg("x"), py::arg("residual_out"),

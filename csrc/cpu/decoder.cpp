@@ -16,10 +16,10 @@ void project(const QuantProjection& p, const float* x, float* out, int64_t token
   for (const QuantPart& part : p.parts) {
     if (int8 && quant_matmul_int8_supported(part.type)) {
       quant_matmul_int8(out + col, p.out_features, x, part.blocks, part.type, tokens, part.rows,
-                        p.in_features, num_threads);
+                        p.in_features, num_threads, part.layout);
     } else {
       quant_matmul(out + col, p.out_features, x, part.blocks, part.type, tokens, part.rows,
-                   p.in_features, num_threads);
+                   p.in_features, num_threads, part.layout);
     }
     col += part.rows;
   }

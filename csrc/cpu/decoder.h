@@ -22,6 +22,7 @@ namespace llm_engine {
 struct QuantPart {
   const uint8_t* blocks;  // (rows, k / block * block_bytes)
   QuantType type;
+  QuantLayout layout;
   int64_t rows;
 };
 

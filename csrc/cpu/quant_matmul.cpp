@@ -9,36 +9,16 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/quant_blocks.h"
 #include "cpu/vectorize.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define LLM_ENGINE_HAVE_AVX2_PATH 1
-#else
-#define LLM_ENGINE_HAVE_AVX2_PATH 0
-#endif
 
 namespace llm_engine {
 namespace {
 
-// Below this many multiply-adds a call runs on the calling thread alone.
-[[maybe_unused]] constexpr int64_t kMinParallelWork = 1 << 16;
-constexpr int64_t kQ = 32;    // values per block of Q8_0 / Q4_0 / Q4_1
-constexpr int64_t kQK = 256;  // values per K-quant super-block
+using namespace quant_internal;
 
-inline float fp16_to_fp32(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, sizeof(h));
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu;
-  const uint32_t mant = h & 0x3ffu;
-  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in fp32
-    const float f = static_cast<float>(mant) * (1.0f / 16777216.0f);
-    return sign ? -f : f;
-  }
-  if (exp == 31) return bit_cast<float>(sign | 0x7f800000u | (mant << 13));  // inf, NaN
-  return bit_cast<float>(sign | ((exp + 112u) << 23) | (mant << 13));
-}
+constexpr int64_t kQK = 256;  // values per K-quant super-block
 
 // The 6-bit scale and min of sub-block j of a Q4_K / Q5_K super-block (ggml's packing).
 inline void k_scale_min(const uint8_t* q, int j, float* sc, float* mn) {
@@ -51,8 +31,9 @@ inline void k_scale_min(const uint8_t* q, int j, float* sc, float* mn) {
   }
 }
 
-// One block of `type` (block values) -> fp32.
-void dequantize_block(QuantType type, const uint8_t* b, float* out) {
+}  // namespace
+
+void quant_internal::dequantize_block(QuantType type, const uint8_t* b, float* out) {
   switch (type) {
     case QuantType::kQ8_0: {
       const float d = fp16_to_fp32(b);
@@ -112,14 +93,11 @@ void dequantize_block(QuantType type, const uint8_t* b, float* out) {
   }
 }
 
+namespace {
+
 // ---------------------------------------------------------------- Q8_0 / Q4_0 / Q4_1
 // Per weight block and x row: dw * sum_l q_l x_l, plus mw * sum_l x_l for Q4_1 (the
 // block's offset times the x block's sum, `xsum`, computed once per call).
-template <QuantType T>
-constexpr int64_t block_bytes() {
-  return T == QuantType::kQ8_0 ? 34 : T == QuantType::kQ4_0 ? 18 : 20;
-}
-
 // The integer levels of one block: Q8_0's int8 values, Q4_0's nibbles - 8, Q4_1's nibbles.
 template <QuantType T>
 inline void block_levels(const uint8_t* b, float* q) {
@@ -159,12 +137,6 @@ void rows_dot_generic(const uint8_t* w, int64_t nb, const float* x,
 }
 
 #if LLM_ENGINE_HAVE_AVX2_PATH
-__attribute__((target("f16c"))) inline float fp16_to_fp32_f16c(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, sizeof(h));
-  return _cvtsh_ss(h);
-}
-
 __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -224,11 +196,6 @@ __attribute__((target("avx2,fma,f16c"))) void rows_dot_avx2(const uint8_t* w, in
   for (int r = 0; r < MR; ++r) out[(i0 + r) * out_stride] = hsum(acc[r]) + off_acc[r];
 }
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-}
 #endif
 
 template <QuantType T, int MR>
@@ -643,21 +610,16 @@ __attribute__((target("avx2,fma,f16c"))) void int8_dot_avx2(const uint8_t* wj, i
 }
 #endif
 
-bool int8_use_avx2() {
-#if LLM_ENGINE_HAVE_AVX2_PATH
-  static const bool use = cpu_has_avx2() && std::getenv("LLM_ENGINE_QUANT_GENERIC") == nullptr;
-  return use;
-#else
-  return false;
-#endif
-}
+}  // namespace
 
-void quantize_block32(const float* x, int8_t* q, float* d, int32_t* sum) {
+void quant_internal::quantize_block32(const float* x, int8_t* q, float* d, int32_t* sum) {
 #if LLM_ENGINE_HAVE_AVX2_PATH
   if (int8_use_avx2()) return quantize_block32_avx2(x, q, d, sum);
 #endif
   quantize_block32_generic(x, q, d, sum);
 }
+
+namespace {
 
 template <QuantType T, int MR>
 void int8_dot(const uint8_t* wj, int64_t nb, const Int8Rows& a, int64_t i0, float* out,
@@ -744,8 +706,12 @@ bool quant_matmul_int8_supported(QuantType type) {
 }
 
 void quant_matmul_int8(float* out, int64_t out_stride, const float* x, const uint8_t* w,
-                       QuantType type, int64_t m, int64_t n, int64_t k, int num_threads) {
+                       QuantType type, int64_t m, int64_t n, int64_t k, int num_threads,
+                       QuantLayout layout) {
   if (m == 0 || n == 0) return;
+  if (layout == QuantLayout::kRows8) {
+    return matmul_rows8(out, out_stride, x, w, type, m, n, k, num_threads, /*int8=*/true);
+  }
   if (!matmul_blocks32_of<true>(type, out, out_stride, x, w, m, n, k, num_threads)) {
     throw std::invalid_argument("quant_matmul_int8 does not take this quantization type");
   }
@@ -773,7 +739,8 @@ QuantFormat quant_format(QuantType type) {
 }
 
 void quant_dequantize(float* out, const uint8_t* blocks, QuantType type, int64_t rows, int64_t k,
-                      [[maybe_unused]] int num_threads) {
+                      [[maybe_unused]] int num_threads, QuantLayout layout) {
+  if (layout == QuantLayout::kRows8) return dequantize_rows8(out, blocks, type, rows, k, num_threads);
   const QuantFormat f = quant_format(type);
   const int64_t nb = k / f.block;
 #pragma omp parallel for if (rows * k >= kMinParallelWork) num_threads(num_threads) \
@@ -786,8 +753,12 @@ void quant_dequantize(float* out, const uint8_t* blocks, QuantType type, int64_t
 }
 
 void quant_matmul(float* out, int64_t out_stride, const float* x, const uint8_t* w,
-                  QuantType type, int64_t m, int64_t n, int64_t k, int num_threads) {
+                  QuantType type, int64_t m, int64_t n, int64_t k, int num_threads,
+                  QuantLayout layout) {
   if (m == 0 || n == 0) return;
+  if (layout == QuantLayout::kRows8) {
+    return matmul_rows8(out, out_stride, x, w, type, m, n, k, num_threads, /*int8=*/false);
+  }
   if (!matmul_blocks32_of<false>(type, out, out_stride, x, w, m, n, k, num_threads)) {
     matmul_kquant(out, out_stride, x, w, type, m, n, k, num_threads);
   }

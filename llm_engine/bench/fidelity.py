@@ -54,7 +54,7 @@ def _decode_logits(model: Transformer, ids: list[int], block_size: int = 16) -> 
                                      context_lens=torch.tensor([i + 1], dtype=torch.int32),
                                      is_decode=True, has_cached_prefix=True)
             hidden = model(torch.tensor([tok]), torch.tensor([i]), attn, caches, decoder)
-            out.append(model.compute_logits(hidden).float())
+            out.append(model.compute_logits(hidden, decode=True).float())
     return torch.cat(out)
 
 

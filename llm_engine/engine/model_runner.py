@@ -90,7 +90,7 @@ class ModelRunner:
         last = cu[1:][batch.sample] - 1
         if len(last) != total:
             hidden = hidden[self._to_device(last.astype(np.int64))]
-        return self.model.compute_logits(hidden).float()
+        return self.model.compute_logits(hidden, decode=batch.is_decode).float()
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a))

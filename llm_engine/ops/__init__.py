@@ -33,6 +33,7 @@ from llm_engine.ops.decoder import (
     decode_int8_activations,
     decode_layers,
     decode_layers_reference,
+    decode_projection,
 )
 from llm_engine.ops.dispatch import Impl, Needs, Op, Registry, registry, set_backends, use
 from llm_engine.ops.elementwise import (
@@ -68,6 +69,7 @@ __all__ = [
     "attention_varlen",
     "cross_entropy",
     "decode_int8_activations",
+    "decode_projection",
     "decode_layers",
     "decode_layers_reference",
     "dequantize",

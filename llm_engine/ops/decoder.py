@@ -13,7 +13,8 @@ The projections of a decode step take int8 activations (each row rounded to int8
 32-value block and integer dot products with the weight blocks, as llama.cpp does;
 ``quantized_linear=int8``) unless ``quantized_linear`` is forced to another
 implementation: a decode step reads every weight once per token, and the integer dot
-products read it about twice as fast as expanding each block to fp32. Everything
+products read it about twice as fast as expanding each block to fp32. The LM head of a
+decode step takes the same (:func:`decode_projection`). Everything
 else, prefill included, keeps fp32 activations (``quantized_linear``'s own default),
 so a prompt's K/V never depend on how it was batched. ``--backend
 quantized_linear=cpp`` runs decode steps with fp32 activations too.
@@ -117,7 +118,7 @@ def _np(t: torch.Tensor | None):
 
 
 def _parts(parts: list[QuantizedWeight]) -> list[tuple]:
-    return [(p.blocks.numpy(), p.qtype) for p in parts]
+    return [(p.blocks.numpy(), p.qtype, p.layout) for p in parts]
 
 
 def _signature(x: torch.Tensor, stack: DecoderStack, *rest) -> tuple:
@@ -175,6 +176,22 @@ def _project(x: torch.Tensor, parts: list[QuantizedWeight], bias: torch.Tensor |
     return out if bias is None else out + bias
 
 
+def _int8_linear(x: torch.Tensor, weight: QuantizedWeight) -> Callable | None:
+    """``quantized_linear``'s ``int8`` implementation if a decode step's projections take
+    int8 activations (:func:`decode_int8_activations`), else None."""
+    if not decode_int8_activations(x, weight):
+        return None
+    return registry().implementation("quantized_linear", "int8")
+
+
+def decode_projection(x: torch.Tensor, parts: list[QuantizedWeight],
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (rows, in) @ W.T + bias`` for the rows of a decode step outside the decoder
+    layers (the LM head), ``W`` stacked from ``parts``: with the activations the layers'
+    projections take (:func:`decode_int8_activations`)."""
+    return _project(x, parts, bias, _int8_linear(x, parts[0]))
+
+
 def decode_layers_reference(x: torch.Tensor, stack: DecoderStack, cos: torch.Tensor,
                             sin: torch.Tensor, slot_mapping: torch.Tensor,
                             block_tables: torch.Tensor,
@@ -182,8 +199,7 @@ def decode_layers_reference(x: torch.Tensor, stack: DecoderStack, cos: torch.Ten
     """:func:`decode_layers` composed from this package's ops, layer by layer, its
     projections' activations chosen as ``cpp``'s are (:func:`decode_int8_activations`)."""
     T, H, KV, D = x.shape[0], stack.heads, stack.kv_heads, stack.head_dim
-    int8_linear = (registry().implementation("quantized_linear", "int8")
-                   if decode_int8_activations(x, stack.layers[0].qkv[0]) else None)
+    int8_linear = _int8_linear(x, stack.layers[0].qkv[0])
 
     def project(x: torch.Tensor, parts: list[QuantizedWeight],
                 bias: torch.Tensor | None = None) -> torch.Tensor:

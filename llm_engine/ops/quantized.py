@@ -34,7 +34,7 @@ from llm_engine import _C
 from llm_engine.ops import onednn
 from llm_engine.ops.common import ANY, as_rows, cpp_needs, on_cuda, triton_needs
 from llm_engine.ops.dispatch import Op, registry, tensor_facts
-from llm_engine.quant import QUANT_TYPES, QuantizedWeight
+from llm_engine.quant import QUANT_TYPES, ROWS8_GROUP, QuantizedWeight
 
 # From this many rows on, the CPU dequantizes tiles and runs oneDNN's GEMM, compute-bound
 # there; below, the C++ kernel reads the quantized blocks (``llm-engine bench quant``).
@@ -78,13 +78,14 @@ def _quantized_linear_onednn(x: torch.Tensor, weight: QuantizedWeight,
     x2 = as_rows(x)
     rows, n = x2.shape[0], weight.out_features
     threads = torch.get_num_threads()
-    tile = max(1, _QUANT_TILE // weight.in_features)
+    tile = max(ROWS8_GROUP, _QUANT_TILE // weight.in_features // ROWS8_GROUP * ROWS8_GROUP)
     out = None if n <= tile else x2.new_empty(rows, n)
     scratch = x2.new_empty(min(n, tile), weight.in_features)
     for a in range(0, n, tile):
         b = min(n, a + tile)
         w = scratch[:b - a]
-        _C.quant_dequantize(w.numpy(), weight.blocks[a:b].numpy(), weight.qtype, threads)
+        _C.quant_dequantize(w.numpy(), weight.blocks[a:b].numpy(), weight.qtype, threads,
+                            layout=weight.layout)
         y = onednn.mm_bucketed(x2, w, None if bias is None else bias[a:b])
         if out is None:
             out = y
@@ -98,7 +99,7 @@ def _quantized_linear_cpp(x: torch.Tensor, weight: QuantizedWeight,
     x2 = as_rows(x)
     out = x2.new_empty(x2.shape[0], weight.out_features)
     _C.quant_matmul(out.numpy(), x2.numpy(), weight.blocks.numpy(), weight.qtype,
-                    torch.get_num_threads(), int8_activations=int8)
+                    torch.get_num_threads(), int8_activations=int8, layout=weight.layout)
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], weight.out_features)
@@ -141,7 +142,7 @@ def group_layout(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, t
     from llm_engine.kernels.quant_matmul import pack_int4  # imports Triton: not on CPU
 
     n, k = weight.shape
-    b = weight.blocks.view(n * k // 32, -1)
+    b = weight.to_layout("rows").blocks.view(n * k // 32, -1)
     scales = b[:, :2].contiguous().view(torch.float16).view(n, k // 32)
     if weight.qtype == "q8_0":
         layout = (b[:, 2:].contiguous().view(torch.int8).view(n, k), scales,
@@ -181,7 +182,7 @@ def dequantize(weight: QuantizedWeight) -> torch.Tensor:
     out = torch.empty(weight.shape, dtype=torch.float32)
     if out.numel():
         _C.quant_dequantize(out.numpy(), weight.blocks.numpy(), weight.qtype,
-                            torch.get_num_threads())
+                            torch.get_num_threads(), layout=weight.layout)
     return out
 
 
