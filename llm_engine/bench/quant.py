@@ -4,12 +4,14 @@ Shapes: SmolLM2-135M's fused up projection (3072 x 576), its down projection
 (576 x 1536) and its tied LM head (49152 x 576), at 1, 32 and 256 rows.
 
 - CPU: ``llm_engine`` is ``ops.linear`` on a ``QuantizedWeight`` (Q4_1 body, Q8_0 head,
-  as in the SmolLM2 GGUF): the C++ kernel below ``ops.QUANT_GEMM_MIN_ROWS`` rows, tiles
-  dequantized into oneDNN's GEMM from there; ``fp32-packed`` is the same product on the
-  dequantized fp32 weight through oneDNN with a packed weight (what the fp32 engine
-  runs); ``int8`` is ``quantized_linear=int8`` (forced, every row count: x rounded to
-  int8 per 32-block as llama.cpp does, then integer dot products; its ``rel_err``
-  includes that rounding); ``torch`` dequantizes then matmuls (the reference).
+  as in the SmolLM2 GGUF) in the ``rows8`` layout the engine holds it in: the C++ kernel
+  below ``ops.QUANT_GEMM_MIN_ROWS`` rows, tiles dequantized into oneDNN's GEMM from
+  there; ``int8`` is ``quantized_linear=int8`` on it (forced, every row count: x rounded
+  to int8 per 32-block as llama.cpp does, then integer dot products, what decode steps
+  run; its ``rel_err`` includes that rounding); ``rows`` and ``int8-rows`` are the same
+  on the GGUF layout; ``fp32-packed`` is the same product on the dequantized fp32
+  weight through oneDNN with a packed weight (what the fp32 engine runs); ``torch``
+  dequantizes then matmuls (the reference).
 - CUDA: ``llm_engine`` is the Triton weight-only GEMM (``kernels/quant_matmul.py``,
   int4 body / int8 head, groups of 32, fp16 activations); ``torch`` dequantizes then
   runs cuBLAS.
@@ -42,7 +44,8 @@ def _cpu_rows(quick: bool, ceilings: Ceilings) -> Iterator[Row]:
     int8 = ops.registry().implementation("quantized_linear", "int8")
     gen = torch.Generator().manual_seed(0)
     for name, n, k, qtype in SHAPES:
-        qw = quantize(torch.randn(n, k, generator=gen) * 0.05, qtype)
+        rows_w = quantize(torch.randn(n, k, generator=gen) * 0.05, qtype)
+        qw = rows_w.to_layout("rows8")
         w = qw.dequantize()
         packed = ops.PackedWeight()
         for rows in _rows(quick):
@@ -50,9 +53,13 @@ def _cpu_rows(quick: bool, ceilings: Ceilings) -> Iterator[Row]:
             exact = x.double() @ w.double().T
             params = {"rows": rows, "n": n, "k": k}
             impls = ((OURS, lambda x=x, qw=qw: ops.linear(x, qw), qw.blocks.numel(),
-                      f"{qtype} blocks"),
+                      f"{qtype} blocks, rows8 layout"),
                      ("int8", lambda x=x, qw=qw: int8(x, qw), qw.blocks.numel(),
                       f"{qtype} blocks, x rounded to int8 per 32"),
+                     ("rows", lambda x=x, qw=rows_w: ops.linear(x, qw), qw.blocks.numel(),
+                      f"{qtype} blocks in GGUF's layout"),
+                     ("int8-rows", lambda x=x, qw=rows_w: int8(x, qw), qw.blocks.numel(),
+                      f"{qtype} blocks in GGUF's layout, x rounded to int8 per 32"),
                      ("fp32-packed", lambda x=x, w=w, p=packed: ops.linear(x, w, packed=p),
                       w.numel() * 4, "oneDNN on the packed dequantized weight"),
                      ("torch", lambda x=x, qw=qw: ops.quantized_linear_reference(x, qw),
