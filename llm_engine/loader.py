@@ -26,16 +26,19 @@ from tqdm.auto import tqdm
 from llm_engine import ops
 from llm_engine.config import ModelConfig
 from llm_engine.model import QuantizedEmbedding, QuantizedLinear, Transformer
-from llm_engine.quant import QUANT_TYPES, QUANTIZE_TO, QuantizedWeight
+from llm_engine.quant import QUANT_TYPES, QUANTIZE_TO, ROWS8_TYPES, QuantizedWeight
 from llm_engine.tokenizer import Tokenizer
 
 CONFIG_FILE = "llm_engine_config.json"
 WEIGHTS_FILE = "model.safetensors"
 # A GGUF conversion keeps quantized tensors as their blocks: ``{name}.qblocks{i}`` (uint8)
-# with ``[[qtype, in_features], ...]`` per name in this safetensors metadata entry.
+# with ``[[qtype, in_features, layout], ...]`` per name in this safetensors metadata entry
+# (layout: see llm_engine.quant.LAYOUTS; a missing one is "rows"). The types that have it
+# are stored in "rows8", the layout the CPU kernels read: loaded as they are, they need
+# no second copy to move into it.
 QUANT_METADATA = "llm_engine.quantized"
 # Bumped when the cache's layout changes, so that older caches are converted anew.
-CACHE_FORMAT = "2"
+CACHE_FORMAT = "3"
 QUANTIZATION_MODES = ("auto", "none", *QUANT_TYPES)
 
 # Built-in model names -> (python package holding the file, file name, install hint).
@@ -214,7 +217,10 @@ def load_model(
             model.embed_tokens = QuantizedEmbedding(parts[0])
         else:
             model.set_submodule(module, QuantizedLinear(parts, state.pop(f"{module}.bias", None)))
-    expected = set(model.state_dict())
+    # The state dict's names, without making its values (a quantized layer's are its blocks
+    # moved back into GGUF's layout).
+    expected = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    expected |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
     missing = sorted(expected - set(state) - {k for k in expected if ".blocks" in k
                                               or k.startswith("blocks")})
     unexpected = sorted(set(state) - expected)
@@ -324,8 +330,9 @@ def _load_converted(path: str, allow_quantized: bool = True
             if meta and not allow_quantized:
                 raise ValueError("quantized tensors where full-precision ones are expected")
             keys = set(f.keys())
-            quantized = {name: [QuantizedWeight(qtype, f.get_tensor(f"{name}.qblocks{i}"), k)
-                                for i, (qtype, k) in enumerate(parts)]
+            quantized = {name: [QuantizedWeight(qtype, f.get_tensor(f"{name}.qblocks{i}"), k,
+                                                *layout)
+                                for i, (qtype, k, *layout) in enumerate(parts)]
                          for name, parts in meta.items()}
             taken = {f"{name}.qblocks{i}" for name, parts in meta.items() for i in range(len(parts))}
             state = {k: f.get_tensor(k) for k in keys - taken}
@@ -404,7 +411,8 @@ def _save_converted(config: ModelConfig,
     meta: dict[str, list[list]] = {}
     for k, v in state.items():
         if isinstance(v, list):
-            meta[k] = [[p.qtype, p.in_features] for p in v]
+            v = [p.to_layout("rows8") if p.qtype in ROWS8_TYPES else p for p in v]
+            meta[k] = [[p.qtype, p.in_features, p.layout] for p in v]
             tensors.update({f"{k}.qblocks{i}": p.blocks for i, p in enumerate(v)})
         else:
             tensors[k] = v.float().contiguous()

@@ -101,3 +101,17 @@ def test_cuda_graph_decode_matches_eager_decode():
                for a, b in zip(with_graphs, without, strict=True))
     # bf16: an occasional near-tie may flip; nearly all completions must agree exactly.
     assert same >= len(prompts) - 2
+
+
+def test_the_cpu_engine_holds_the_gguf_blocks_in_rows8_as_cached(llm):
+    """The conversion cache stores Q8_0 / Q4_0 / Q4_1 blocks in the rows8 layout the CPU
+    kernels read, so loading needs no second copy; the state dict still gives GGUF's."""
+    from llm_engine.loader import _load_converted, _resolve
+
+    model = llm.model
+    up, emb = model.layers[0].mlp.up_proj, model.embed_tokens
+    assert [p.layout for p in up.parts] == ["rows8"] and emb.qweight.layout == "rows8"
+    _, cached = _load_converted(f"{_resolve('smollm2')}/model.safetensors")
+    assert {p.layout for parts in cached.values() for p in parts} == {"rows8"}
+    rows = model.state_dict()["layers.0.mlp.up_proj.blocks0"]
+    assert torch.equal(rows, up.parts[0].to_layout("rows").blocks)

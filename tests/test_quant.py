@@ -282,3 +282,23 @@ def test_decode_logits_take_the_activations_of_the_decode_projections():
     assert _rel(decode, ref) < 1e-5
     assert torch.equal(forced, prefill) and _rel(prefill, _reference(hidden, w)) < 1e-5
     assert not torch.equal(decode, prefill)
+
+
+def test_the_conversion_cache_reads_each_parts_layout_and_older_entries(tmp_path):
+    """Parts saved with a layout load in it; an entry without one (CACHE_FORMAT 2) is
+    GGUF's rows."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from llm_engine.loader import QUANT_METADATA, _load_converted
+
+    w = quantize(torch.randn(20, 64), "q4_1")
+    path = str(tmp_path / "model.safetensors")
+    meta = {"a": [["q4_1", 64, "rows8"]], "b": [["q4_1", 64]]}
+    save_file({"a.qblocks0": w.to_layout("rows8").blocks, "b.qblocks0": w.blocks}, path,
+              metadata={QUANT_METADATA: json.dumps(meta)})
+    _, cached = _load_converted(path)
+    assert cached["a"][0].layout == "rows8" and cached["b"][0].layout == "rows"
+    assert torch.equal(cached["a"][0].dequantize(), w.dequantize())
+    assert torch.equal(cached["b"][0].dequantize(), w.dequantize())
