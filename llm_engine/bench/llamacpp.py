@@ -7,7 +7,9 @@ weights (``quantization="auto"``); the runs of ours and llama.cpp take turns.
 Cases
 - ``decode-bs1``: greedy decode tokens/s, ``(new - 1) / (t(new) - t(1))`` for both.
 - ``prefill-1000``: a 1,000-token prompt, prompt tokens/s (ours: the prompt and one
-  new token; llama.cpp: ``eval`` of the prompt).
+  new token; llama.cpp: ``eval`` of the prompt). Ours twice: by default (fp32
+  activations: the dequantized model's results) and with ``quantized_linear=int8``
+  forced (activations rounded to int8 as llama.cpp rounds them).
 - ``peak-rss``: peak resident memory (MB, the kernel's ``VmHWM``: ``ru_maxrss`` would
   count the forked parent's pages) of a fresh process that loads the model and decodes
   16 tokens, for each, measured in subprocesses.
@@ -107,7 +109,7 @@ def rows(llm, peer, gguf_path: str, prompt_ids: list[int], new: int, repeats: in
          ceilings: Ceilings) -> list[Row]:
     """Rows of ours (``llm``, loaded from ``gguf_path``) against llama.cpp (``peer``, from
     :func:`open_peer`; None: not installed) on that file."""
-    from llm_engine import SamplingParams
+    from llm_engine import SamplingParams, ops
 
     threads = torch.get_num_threads()
     if peer is None:
@@ -159,14 +161,25 @@ def rows(llm, peer, gguf_path: str, prompt_ids: list[int], new: int, repeats: in
         peer.reset()
         peer.eval(long_ids)
 
-    t = {OURS: float("inf"), IMPL: float("inf")}
+    def ours_int8_prefill():
+        with ops.use(quantized_linear="int8"):
+            return ours_gen(1, long_ids)
+
+    int8 = f"{OURS}-quantized-int8"
+    ours_int8_prefill()
+    t = {OURS: float("inf"), int8: float("inf"), IMPL: float("inf")}
     for _ in range(repeats):
         t[OURS] = min(t[OURS], _best(lambda: ours_gen(1, long_ids), 1))
+        t[int8] = min(t[int8], _best(ours_int8_prefill, 1))
         t[IMPL] = min(t[IMPL], _best(peer_prefill, 1))
     params = {"input_len": 1000, "threads": threads}
     out += [
         Row(SUITE, "prefill-1000", f"{OURS}-quantized", "tok/s", 1000 / t[OURS], ms=t[OURS] * 1e3,
-            note=f"{t[IMPL] / t[OURS]:.2f}x llama.cpp (prompt tokens/s)", params=params),
+            note=f"{t[IMPL] / t[OURS]:.2f}x llama.cpp (prompt tokens/s); fp32 activations, "
+                 "the default", params=params),
+        Row(SUITE, "prefill-1000", int8, "tok/s", 1000 / t[int8], ms=t[int8] * 1e3,
+            note=f"{t[IMPL] / t[int8]:.2f}x llama.cpp; --backend quantized_linear=int8: "
+                 "activations rounded to int8 as llama.cpp does", params=params),
         Row(SUITE, "prefill-1000", IMPL, "tok/s", 1000 / t[IMPL], ms=t[IMPL] * 1e3,
             note=f"eval() of the prompt, n_batch 1024, llama-cpp-python {version}",
             params=params),

@@ -5,7 +5,8 @@ Implementations of ``quantized_linear``, in preference order:
 - ``onednn``: CPU fp32 inference with at least :data:`QUANT_GEMM_MIN_ROWS` rows (a
   prefill): the weight dequantized tile by tile (at most ``_QUANT_TILE`` floats) into a
   scratch buffer by ``_C.quant_dequantize``, then oneDNN's fp32 GEMM;
-- ``cpp``: CPU fp32 inference: ``_C.quant_matmul`` reads the blocks directly;
+- ``cpp``: CPU fp32 inference: ``_C.quant_matmul`` reads the blocks directly (in either
+  layout of :data:`~llm_engine.quant.LAYOUTS`);
 - ``int8``: CPU fp32 inference on Q8_0 / Q4_0 / Q4_1 weights (:data:`INT8_TYPES`), only
   when forced (``ops.use(quantized_linear="int8")``, ``--backend quantized_linear=int8``)
   or inside a decode step (:func:`~llm_engine.ops.decode_layers`, which takes it unless
