@@ -198,7 +198,7 @@ QUANTIZED_LINEAR.register("cpp", _quantized_linear_cpp, cpp_needs(("blocks",)),
                           "C++ CPU kernel on the blocks (_C.quant_matmul)")
 QUANTIZED_LINEAR.register("int8", _quantized_linear_int8, cpp_needs(("blocks", "int8_type")),
                           "C++ CPU kernel, x rounded to int8 per 32-block as llama.cpp does "
-                          "(_C.quant_matmul(..., int8_activations=True)); forced, or in decode_layers",
+                          "(_C.quant_matmul(..., int8_activations=True)); forced, or in a decode step",
                           auto=lambda sig: False)
 QUANTIZED_LINEAR.register("reference", quantized_linear_reference, ANY,
                           "dequantize, then F.linear")
