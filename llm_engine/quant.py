@@ -41,7 +41,7 @@ QUANTIZE_TO = ("q8_0", "q4_0", "q4_1")
 #   4c .. 4c + 3 of each row's levels, row after row. A group keeps the bytes of its 8
 #   rows, so slices of whole groups are "rows8" too (csrc/cpu/quant_matmul.h).
 LAYOUTS = ("rows", "rows8")
-ROWS8_TYPES = ("q8_0", "q4_0", "q4_1")
+ROWS8_TYPES = tuple(t for t, (block, _) in QUANT_TYPES.items() if block == 32)
 ROWS8_GROUP = 8
 QK_K = 256
 
@@ -82,9 +82,8 @@ class QuantizedWeight:
         self.qtype = check_qtype(self.qtype)
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.layout == "rows8" and self.qtype not in ROWS8_TYPES:
-            raise ValueError(f"layout 'rows8' takes qtype {'/'.join(ROWS8_TYPES)}, "
-                             f"got {self.qtype!r}")
+        if self.layout == "rows8":
+            _check_rows8_type(self.qtype)
         if not isinstance(self.blocks, torch.Tensor) or self.blocks.dtype != torch.uint8:
             got = getattr(self.blocks, "dtype", type(self.blocks).__name__)
             raise TypeError(f"blocks must be a uint8 tensor, got {got}")
@@ -117,13 +116,17 @@ class QuantizedWeight:
         return QuantizedWeight(self.qtype, blocks, self.in_features, layout)
 
 
+def _check_rows8_type(qtype: str) -> str:
+    if qtype not in ROWS8_TYPES:
+        raise ValueError(f"layout 'rows8' takes qtype {'/'.join(ROWS8_TYPES)}, got {qtype!r}")
+    return qtype
+
+
 def relayout(blocks: torch.Tensor, qtype: str, in_features: int, to_rows8: bool) -> torch.Tensor:
     """Reference relayout: ``blocks (rows, row_bytes)`` uint8 of a Q8_0 / Q4_0 / Q4_1
     weight from ``"rows"`` to ``"rows8"`` (``to_rows8``) or back (:data:`LAYOUTS`), as a
     new C-contiguous tensor of the same shape."""
-    qtype = check_qtype(qtype)
-    if qtype not in ROWS8_TYPES:
-        raise ValueError(f"layout 'rows8' takes qtype {'/'.join(ROWS8_TYPES)}, got {qtype!r}")
+    qtype = _check_rows8_type(check_qtype(qtype))
     size = QUANT_TYPES[qtype][1]
     head = 4 if qtype == "q4_1" else 2
     rows, nb = blocks.shape[0], row_bytes(qtype, in_features) // size

@@ -24,6 +24,12 @@ namespace quant_internal {
 [[maybe_unused]] constexpr int64_t kMinParallelWork = 1 << 16;
 constexpr int64_t kQ = 32;  // values per block of Q8_0 / Q4_0 / Q4_1
 
+// Whether blocks of this type hold 32 values (Q8_0, Q4_0, Q4_1): the types the int8 and
+// rows8 kernels take.
+inline bool is_block32(QuantType type) {
+  return type == QuantType::kQ8_0 || type == QuantType::kQ4_0 || type == QuantType::kQ4_1;
+}
+
 template <QuantType T>
 constexpr int64_t block_bytes() {
   return T == QuantType::kQ8_0 ? 34 : T == QuantType::kQ4_0 ? 18 : 20;

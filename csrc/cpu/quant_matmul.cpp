@@ -12,7 +12,6 @@
 #include "cpu/quant_blocks.h"
 #include "cpu/vectorize.h"
 
-
 namespace llm_engine {
 namespace {
 
@@ -701,9 +700,7 @@ bool matmul_blocks32_of(QuantType type, float* out, int64_t out_stride, const fl
 
 }  // namespace
 
-bool quant_matmul_int8_supported(QuantType type) {
-  return type == QuantType::kQ8_0 || type == QuantType::kQ4_0 || type == QuantType::kQ4_1;
-}
+bool quant_matmul_int8_supported(QuantType type) { return is_block32(type); }
 
 void quant_matmul_int8(float* out, int64_t out_stride, const float* x, const uint8_t* w,
                        QuantType type, int64_t m, int64_t n, int64_t k, int num_threads,

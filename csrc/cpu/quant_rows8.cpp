@@ -365,9 +365,7 @@ void matmul_groups(float* out, int64_t out_stride, const float* x, const uint8_t
 
 }  // namespace
 
-bool quant_rows8_supported(QuantType type) {
-  return type == QuantType::kQ8_0 || type == QuantType::kQ4_0 || type == QuantType::kQ4_1;
-}
+bool quant_rows8_supported(QuantType type) { return is_block32(type); }
 
 void quant_relayout(uint8_t* out, const uint8_t* blocks, QuantType type, int64_t rows,
                     int64_t k, bool to_rows8) {
