@@ -17,6 +17,42 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
+#if LLM_ENGINE_HAVE_AVX2_PATH
+// scores[j] = scale * (q . k[j * row .. + kHeadDim)) for 8 positions j: 8 running dot
+// products, then one transposing reduction (hadd, hadd, a lane swap) of all 8 at once.
+template <int64_t kHeadDim>
+__attribute__((target("avx2,fma"))) void scores8_avx2(const float* q, const float* k,
+                                                      int64_t row, float scale, float* scores) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t e = 0; e < kHeadDim; e += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + e);
+    for (int j = 0; j < 8; ++j) {
+      acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * row + e), acc[j]);
+    }
+  }
+  const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20),
+                                    _mm256_permute2f128_ps(s0, s1, 0x31));
+  _mm256_storeu_ps(scores, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+}
+
+// acc[0 .. 64) += sum_i weights[i] * v[i * row .. + 64), the 64 sums held in registers.
+__attribute__((target("avx2,fma"))) void values64_avx2(const float* weights, const float* v,
+                                                       int64_t row, int64_t n, float* acc) {
+  __m256 sum[8];
+  for (int j = 0; j < 8; ++j) sum[j] = _mm256_loadu_ps(acc + 8 * j);
+  for (int64_t i = 0; i < n; ++i) {
+    const __m256 w = _mm256_broadcast_ss(weights + i);
+    for (int j = 0; j < 8; ++j) {
+      sum[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + i * row + 8 * j), sum[j]);
+    }
+  }
+  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(acc + 8 * j, sum[j]);
+}
+#endif
+
 struct DecodeArgs {
   float* out;
   const float* q;
@@ -33,8 +69,10 @@ struct DecodeArgs {
 // acc[head_dim] = sum_i exp(s_i - m) v_i, then m = max_i s_i, then l = sum_i exp(s_i - m).
 // kHeadDim > 0 fixes head_dim at compile time (the dot products and row updates then
 // unroll fully, about twice as fast); 0 reads it from the shape. Each position's K
-// (and V) row holds every kv head (kv_heads * head_dim floats, contiguous), so a
-// block is read front to back once per pass. scratch holds heads * (p1 - p0) floats.
+// (and V) row holds every kv head (kv_heads * head_dim floats, contiguous). With AVX2,
+// a head_dim that is a multiple of 8 takes its scores 8 positions at a time
+// (scores8_avx2), and a multiple of 64 keeps each head's weighted sum in registers over
+// a block's positions (values64_avx2). scratch holds heads * (p1 - p0) floats.
 template <int64_t kHeadDim>
 LLM_ENGINE_ISA_CLONES
 void attend_chunk(const DecodeArgs& a, int64_t seq, int64_t p0, int64_t p1, float* scratch,
@@ -57,9 +95,23 @@ void attend_chunk(const DecodeArgs& a, int64_t seq, int64_t p0, int64_t p1, floa
   };
 
   for_each_run(a.k_cache, [&](const float* k, int64_t at, int64_t n) {  // scores
-    for (int64_t i = 0; i < n; ++i) {
+    float* scores = scratch + at;
+    int64_t i = 0;
+#if LLM_ENGINE_HAVE_AVX2_PATH
+    if constexpr (kHeadDim % 8 == 0 && kHeadDim > 0) {
+      if (cpu_has_avx2()) {
+        for (; i + 8 <= n; i += 8) {
+          for (int64_t h = 0; h < s.heads; ++h) {
+            scores8_avx2<kHeadDim>(q + h * d, k + i * row + (h / group) * d, row, a.scale,
+                                   scores + h * width + i);
+          }
+        }
+      }
+    }
+#endif
+    for (; i < n; ++i) {
       for (int64_t h = 0; h < s.heads; ++h) {
-        scratch[h * width + at + i] = dot(q + h * d, k + i * row + (h / group) * d, d) * a.scale;
+        scores[h * width + i] = dot(q + h * d, k + i * row + (h / group) * d, d) * a.scale;
       }
     }
   });
@@ -80,11 +132,21 @@ void attend_chunk(const DecodeArgs& a, int64_t seq, int64_t p0, int64_t p1, floa
     stats[d + 1] = sum;
   }
   for_each_run(a.v_cache, [&](const float* v, int64_t at, int64_t n) {  // weighted values
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t h = 0; h < s.heads; ++h) {
-        const float w = scratch[h * width + at + i];
-        const float* vi = v + i * row + (h / group) * d;
-        float* acc = partial + h * (d + 2);
+    for (int64_t h = 0; h < s.heads; ++h) {
+      const float* weights = scratch + h * width + at;
+      const float* vh = v + (h / group) * d;
+      float* acc = partial + h * (d + 2);
+#if LLM_ENGINE_HAVE_AVX2_PATH
+      if constexpr (kHeadDim % 64 == 0 && kHeadDim > 0) {
+        if (cpu_has_avx2()) {
+          for (int64_t e = 0; e < d; e += 64) values64_avx2(weights, vh + e, row, n, acc + e);
+          continue;
+        }
+      }
+#endif
+      for (int64_t i = 0; i < n; ++i) {
+        const float w = weights[i];
+        const float* vi = vh + i * row;
 #pragma omp simd
         for (int64_t e = 0; e < d; ++e) acc[e] += w * vi[e];
       }
@@ -121,7 +183,7 @@ void combine_chunks(const DecodeShape& s, const float* partials, int64_t chunks,
 constexpr int64_t kChunk = 512;
 
 // Below this many cached positions per thread a second thread costs more than it saves.
-constexpr int64_t kMinWork = 1024;
+constexpr int64_t kMinWork = 128;
 
 }  // namespace
 

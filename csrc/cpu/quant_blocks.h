@@ -10,13 +10,6 @@
 #include "cpu/quant_matmul.h"
 #include "cpu/vectorize.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define LLM_ENGINE_HAVE_AVX2_PATH 1
-#else
-#define LLM_ENGINE_HAVE_AVX2_PATH 0
-#endif
-
 namespace llm_engine {
 namespace quant_internal {
 
@@ -65,12 +58,6 @@ void matmul_rows8(float* out, int64_t out_stride, const float* x, const uint8_t*
                   QuantType type, int64_t m, int64_t n, int64_t k, int num_threads, bool int8);
 
 #if LLM_ENGINE_HAVE_AVX2_PATH
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-}
-
 __attribute__((target("f16c"))) inline float fp16_to_fp32_f16c(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, sizeof(h));

@@ -1,10 +1,20 @@
 // What the CPU kernels share so that their loops vectorise: one build of a function per
-// x86 vector ISA, and float helpers written for the vectoriser.
+// x86 vector ISA, float helpers written for the vectoriser, and the check for the kernels
+// written with AVX2 intrinsics.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+
+// Kernels written with AVX2 intrinsics are built where GCC-style target attributes and
+// the x86 intrinsics exist, and taken when cpu_has_avx2() says the CPU runs them.
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define LLM_ENGINE_HAVE_AVX2_PATH 1
+#else
+#define LLM_ENGINE_HAVE_AVX2_PATH 0
+#endif
 
 // LLM_ENGINE_ISA_CLONES before a function compiles it for AVX-512, AVX2 and baseline
 // x86-64, the best one picked when the library loads (GCC's target_clones, an ifunc:
@@ -17,6 +27,15 @@
 #endif
 
 namespace llm_engine {
+
+#if LLM_ENGINE_HAVE_AVX2_PATH
+// Whether this CPU has AVX2, FMA and F16C (every x86-64 CPU since 2013-2015 but a few).
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+#endif
 
 template <typename To, typename From>
 inline To bit_cast(From x) {
