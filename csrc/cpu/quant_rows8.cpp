@@ -254,6 +254,9 @@ __attribute__((target("avx2"))) inline __m256i x_chunk(const int8_t* xq, int c) 
   return _mm256_set1_epi32(v);
 }
 
+// Each x row's block sum is kept running by an empty asm after each step: GCC would
+// otherwise reassociate the integer adds into a tree over all of a block's products,
+// which needs more vector registers than AVX2 has, and spill them to the stack.
 template <QuantType T, int MR>
 __attribute__((target("avx2,fma,f16c"))) void group_int8_avx2(const uint8_t* g, const XRows& a,
                                                               int64_t i0, float* out,
@@ -276,6 +279,7 @@ __attribute__((target("avx2,fma,f16c"))) void group_int8_avx2(const uint8_t* g, 
         for (int r = 0; r < MR; ++r) {
           const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x_chunk(xq + r * xrow, c), w));
           dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(p, ones));
+          asm("" : "+x"(dot[r]));  // keep the sum running (see above)
         }
       }
     } else {
@@ -289,6 +293,7 @@ __attribute__((target("avx2,fma,f16c"))) void group_int8_avx2(const uint8_t* g, 
         for (int r = 0; r < MR; ++r) {
           s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lo, x_chunk(xq + r * xrow, c)));
           s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(hi, x_chunk(xq + r * xrow, 4 + c)));
+          asm("" : "+x"(s16[r]));  // keep the sum running (see above)
         }
       }
       for (int r = 0; r < MR; ++r) {
