@@ -26,7 +26,7 @@ except ImportError:  # no pybind11 package (a bare GPU image): torch ships pybin
 
 # -fno-trapping-math: the kernels never read floating-point exception flags, and without
 # it GCC leaves loops with a select before float arithmetic (exp's clamp, the sigmoid's
-# sign pick) scalar under AVX2. It changes no result.
+# sign pick) scalar under AVX2.
 extra_compile_args = ["-O3", "-fno-trapping-math", "-Wall", "-Wextra"]
 extra_link_args: list[str] = []
 if os.environ.get("LLM_ENGINE_SANITIZE"):
